@@ -1,0 +1,157 @@
+"""Run identity and the run record: `<runs_dir>/<slug>-<id>/run.json`, the source of truth.
+
+The id hashes the *semantic* config only (what changes the numbers), so the same command never
+trains twice and a re-launched sweep finds its finished points. See docs/run_record.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# Keys that change how a run is executed or observed, not what it computes.
+NON_SEMANTIC = {
+    "trainer": {"device", "log_every", "checkpoint_every", "keep_checkpoints", "nproc", "val_batches"},
+    "objective": {"chunk_size"},
+    "eval": {"batch_size", "log_samples"},
+}
+SEMANTIC_SECTIONS = ("model", "dataset", "objective", "trainer", "eval")
+PACKAGES = ("uapt", "torch", "transformers", "datasets", "tokenizers", "lm_eval", "hydra-core",
+            "omegaconf", "wandb", "peft")
+
+
+def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's results."""
+    out: dict[str, Any] = {"seed": cfg["seed"]}
+    for section in SEMANTIC_SECTIONS:
+        node = dict(cfg.get(section) or {})
+        for key in NON_SEMANTIC.get(section, ()):
+            node.pop(key, None)
+        out[section] = node
+    return out
+
+
+def run_id(cfg: Mapping[str, Any]) -> str:
+    blob = json.dumps(semantic_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _num(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def run_slug(cfg: Mapping[str, Any]) -> str:
+    obj = cfg["objective"]
+    parts = [cfg["model"]["name"], cfg["dataset"]["name"], obj["name"],
+             f"r{_num(obj['mask_ratio'])}", f"l{_num(obj['distill_weight'])}", f"s{cfg['seed']}"]
+    return "-".join(str(p).replace("/", "_") for p in parts)
+
+
+def run_dir(cfg: Mapping[str, Any]) -> Path:
+    return Path(cfg["runs_dir"]).expanduser() / f"{run_slug(cfg)}-{run_id(cfg)}"
+
+
+def run_summary(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat keys to filter and group runs by (tables, W&B)."""
+    obj = cfg["objective"]
+    return {
+        "model": cfg["model"]["name"], "dataset": cfg["dataset"]["name"], "objective": obj["name"],
+        "mask_ratio": float(obj["mask_ratio"]), "distill_weight": float(obj["distill_weight"]),
+        "seed": int(cfg["seed"]), "experiment": cfg.get("experiment"),
+        "eval_suite": (cfg.get("eval") or {}).get("name"),
+    }
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    path = folder / "run.json"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        return json.load(f)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout uapt runs from, with '-dirty' when it has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+class RunRecord:
+    """The mutable record of one run, flushed atomically to run.json on every change of state."""
+
+    def __init__(self, folder: Path, data: dict[str, Any]):
+        self.folder, self.data = folder, data
+
+    @classmethod
+    def start(cls, folder: Path, cfg: Mapping[str, Any], world_size: int = 1) -> RunRecord:
+        previous = read_record(folder) or {}
+        data = {
+            "id": run_id(cfg), "slug": run_slug(cfg), "status": "running", "error": None,
+            "summary": run_summary(cfg), "config": dict(cfg), "metrics": {}, "data": {},
+            "eval": {}, "started_at": now(), "finished_at": None,
+            "attempts": int(previous.get("attempts", 0)) + 1, "timings": {},
+            "versions": versions(), "git_commit": git_commit(), "hostname": socket.gethostname(),
+            "world_size": world_size,
+        }
+        record = cls(folder, data)
+        record.flush()
+        return record
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.flush()
+
+    def complete(self) -> None:
+        self.update(status="completed", finished_at=now())
+
+    def fail(self, error: BaseException) -> None:
+        self.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
+
+    def flush(self) -> None:
+        write_json_atomic(self.folder / "run.json", self.data)

@@ -1,0 +1,357 @@
+"""uapt-train: compose ► validate ► run identity ► model, data, objective ► loop ► evaluate ► record.
+
+    uapt-train model=tiny dataset=arith objective=masked_mle_distill trainer.max_steps=20
+    uapt-train sweep=demo            # a grid from conf/sweep/ (Hydra multirun)
+
+The loop knows nothing of which objective it runs: it hands logits (or hidden states) and labels
+to uapt.objectives and steps the optimizer. Everything a run produces lands in its run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from uapt import records
+from uapt.config import ConfigError, accumulation_steps, validate
+from uapt.data import build_datasets, collate
+from uapt.models import frozen_teacher, load_model, load_tokenizer
+from uapt.objectives import TokenLoss, kept_overlap, needs_teacher, token_loss
+from uapt.sweeps import in_multirun, record_outcome
+from uapt.tracking import Tracker
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+log = logging.getLogger("uapt")
+
+
+# ----------------------------------------------------------------------------- data order
+@dataclass
+class BatchStream:
+    """Deterministic data order: a seeded permutation per epoch, read as one endless stream.
+
+    Micro-batch k (counted over the whole run) is a pure function of (seed, k), so resuming at a
+    step needs nothing but the step number.
+    """
+
+    dataset: Any
+    micro_batch_size: int
+    seed: int
+    pad_id: int
+    rank: int = 0
+    world_size: int = 1
+    _perms: dict[int, list[int]] = field(default_factory=dict)
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.dataset))
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.dataset), generator=gen).tolist()}
+        return self._perms[epoch][offset]
+
+    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        """This rank's share of global micro-batch k (ranks split it in order)."""
+        size = self.micro_batch_size
+        start = (k * self.world_size + self.rank) * size
+        rows = [self.dataset[self._index(p)] for p in range(start, start + size)]
+        return collate(rows, self.pad_id)
+
+
+def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:
+    count = math.ceil(len(dataset) / size)
+    for i in range(min(count, limit or count)):
+        yield collate([dataset[j] for j in range(i * size, min((i + 1) * size, len(dataset)))], pad_id)
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_lambda(trainer: Mapping[str, Any]):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
+    warmup, total, floor = trainer["warmup_steps"], trainer["max_steps"], trainer["min_lr_ratio"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm gains and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": trainer["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=trainer["lr"], betas=tuple(trainer["betas"]))
+
+
+# ----------------------------------------------------------------------------- the loss
+def forward_loss(model, teacher, batch: Mapping[str, torch.Tensor], objective: Mapping[str, Any],
+                 generator: torch.Generator | None) -> TokenLoss:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+    return token_loss(logits, batch["labels"], objective, teacher_logits, generator)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, device) -> float:
+    """Token-mean NLL of the assistant tokens of the validation split (objective-independent)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(dataset, trainer["micro_batch_size"], pad_id, trainer["val_batches"]):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="sum")
+        total, count = total + nll.item(), count + int((labels != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Trainer:
+    cfg: Mapping[str, Any]
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    stream: BatchStream
+    device: torch.device
+    accumulation: int
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
+    generator: torch.Generator = field(init=False)
+    step: int = 0
+    probe: dict[str, torch.Tensor] | None = None
+    probe_kept: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        trainer = self.cfg["trainer"]
+        self.optimizer = make_optimizer(self.model, trainer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer))
+        # Selection noise (select=random) has its own stream, seeded per rank.
+        self.generator = torch.Generator(self.device).manual_seed(self.cfg["seed"] + 7919 * self.stream.rank)
+
+    def autocast(self):
+        if self.cfg["trainer"]["precision"] != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `accumulation` micro-batches; returns the step's metrics."""
+        objective, trainer = self.cfg["objective"], self.cfg["trainer"]
+        started, parts, tokens = time.perf_counter(), [], 0
+        for micro in range(self.accumulation):
+            batch = self.stream.micro_batch(self.step * self.accumulation + micro)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                out = forward_loss(self.model, self.teacher, batch, objective, self.generator)
+            (out.total / self.accumulation).backward()
+            parts.append(out)
+            tokens += int(batch["attention_mask"].sum())
+        clip = trainer["grad_clip"] or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        return {**loss_metrics(parts), "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens / elapsed, "peak_mem_mb": peak_memory_mb(self.device)}
+
+    @torch.no_grad()
+    def probe_overlap(self) -> float | None:
+        """Kept-set overlap (Jaccard) on a fixed probe batch since the last probe: the curriculum."""
+        if self.probe is None or not self.cfg["objective"]["mask_ratio"]:
+            return None
+        self.model.eval()
+        generator = torch.Generator(self.device).manual_seed(self.cfg["seed"])
+        with self.autocast():
+            kept = forward_loss(self.model, self.teacher, self.probe, self.cfg["objective"], generator).kept
+        self.model.train()
+        previous, self.probe_kept = self.probe_kept, kept
+        return None if previous is None else kept_overlap(previous, kept)
+
+
+def loss_metrics(parts: list[TokenLoss]) -> dict[str, float]:
+    """Means over the micro-batches of one step, and the kept/unkept diagnostics."""
+
+    def mean(values) -> float:
+        values = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in values]
+        return sum(values) / len(values)
+
+    kept = sum(int((p.kept & p.valid).sum()) for p in parts)
+    valid = sum(int(p.valid.sum()) for p in parts)
+    unkept = valid - kept
+    nll_kept = sum(float(p.nll[p.kept & p.valid].sum()) for p in parts)
+    nll_unkept = sum(float(p.nll[~p.kept & p.valid].sum()) for p in parts)
+    return {
+        "loss": mean(p.total for p in parts), "loss/mle": mean(p.mle for p in parts),
+        "loss/distill": mean(p.distill for p in parts), "kept_frac": kept / max(valid, 1),
+        "nll/kept": nll_kept / kept if kept else float("nan"),
+        "nll/unkept": nll_unkept / unkept if unkept else float("nan"),
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ----------------------------------------------------------------------------- one run
+def train(cfg: Mapping[str, Any], record: records.RunRecord, tracker: Tracker) -> None:
+    trainer_cfg = cfg["trainer"]
+    device = pick_device(trainer_cfg["device"])
+    seed_everything(cfg["seed"], trainer_cfg["deterministic"])
+    started = time.perf_counter()
+
+    tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
+    train_set, val_set, data_stats = build_datasets(cfg["dataset"], tokenizer, cfg["seed"], cfg["cache_dir"])
+    record.update(data=data_stats)
+    torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
+    model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
+    model.train()
+    teacher = frozen_teacher(model) if needs_teacher(cfg["objective"]) else None
+
+    stream = BatchStream(train_set, trainer_cfg["micro_batch_size"], cfg["seed"], tokenizer.pad_token_id)
+    loop = Trainer(cfg, model, teacher, stream, device, accumulation_steps(trainer_cfg, 1))
+    loop.probe = next(eval_batches(val_set, trainer_cfg["micro_batch_size"], tokenizer.pad_token_id, 1))
+    loop.probe = {k: v.to(device) for k, v in loop.probe.items()}
+    record.update(timings={"setup_s": round(time.perf_counter() - started, 2)})
+
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=trainer_cfg["max_steps"], desc=record.data["slug"], unit="step", dynamic_ncols=True)
+    while loop.step < trainer_cfg["max_steps"]:
+        row = loop.train_step()
+        bar.update(1)
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"non-finite loss {row['loss']} at step {loop.step}")
+        if loop.step % trainer_cfg["log_every"] == 0 or loop.step == trainer_cfg["max_steps"]:
+            row["kept_overlap"] = loop.probe_overlap()
+            every = trainer_cfg["eval_every"]
+            if every and loop.step % every == 0 and loop.step < trainer_cfg["max_steps"]:
+                row["val/loss"] = validation_loss(model, val_set, trainer_cfg, tokenizer.pad_token_id, device)
+            row = {k: v for k, v in row.items() if v is not None}
+            tracker.log(loop.step, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
+            metrics.update({f"train/{k}": v for k, v in row.items()})
+    bar.close()
+    train_s = time.perf_counter() - started
+    metrics["val/loss"] = validation_loss(model, val_set, trainer_cfg, tokenizer.pad_token_id, device)
+    log.info("step %d  loss %.4f  val/loss %.4f", loop.step, metrics["train/loss"], metrics["val/loss"])
+    record.update(metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)})
+    tracker.summary(metrics)
+
+
+def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
+    validate(cfg)
+    folder = records.run_dir(cfg)
+    outcome = {"id": records.run_id(cfg), "slug": records.run_slug(cfg), "dir": str(folder)}
+    existing = records.read_record(folder)
+    if existing and existing.get("status") == "completed" and not cfg["force"]:
+        log.info("%s already completed in %s; not training again (force=true to override)",
+                 outcome["slug"], folder)
+        return {**outcome, "status": "skipped"}
+    record = records.RunRecord.start(folder, cfg)
+    handler = attach_file_log(folder / "train.log")
+    tracker = Tracker(folder, cfg, outcome["id"], outcome["slug"])
+    failed = True
+    try:
+        train(cfg, record, tracker)
+        record.complete()
+        failed = False
+        log.info("completed %s -> %s", outcome["slug"], folder / "run.json")
+        return {**outcome, "status": "completed"}
+    except BaseException as e:
+        record.fail(e)
+        raise
+    finally:
+        tracker.finish(failed=failed)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def attach_file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        root.addHandler(RichHandler(show_path=False, rich_tracebacks=False))
+    root.setLevel(logging.INFO)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    setup_logging()
+    multirun = in_multirun()
+    try:
+        outcome = execute(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as e:
+        if not multirun:
+            log.error("bad configuration: %s", e)
+            raise SystemExit(2) from None
+        outcome = failed_outcome(cfg, f"bad configuration: {e}")
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("run failed; the sweep goes on")
+        outcome = failed_outcome(cfg, f"{type(e).__name__}: {e}")
+    if multirun:
+        record_outcome(outcome)
+    return outcome
+
+
+def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        ids = {"id": records.run_id(plain), "slug": records.run_slug(plain)}
+    except Exception:  # noqa: BLE001 - the config itself may be what is broken
+        ids = {"id": None, "slug": None}
+    return {**ids, "status": "failed", "error": error}
+
+
+if __name__ == "__main__":
+    main()

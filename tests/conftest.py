@@ -1,0 +1,50 @@
+"""Shared fixtures: offline everywhere, one cache dir for the session, tiny model and tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# One cache for the whole session (and across sessions): converted models, tokenizers, base scores.
+CACHE_DIR = Path(os.environ.setdefault("UAPT_CACHE", str(REPO / ".cache" / "uapt")))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        raise FileNotFoundError(f"real test data expected at {SHARED_DATA} (../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(cache_dir):
+    from uapt.models import tiny_tokenizer
+
+    return tiny_tokenizer(cache_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    import torch
+    from omegaconf import OmegaConf
+
+    from uapt.models import load_model
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    return load_model(cfg, tiny_tokenizer, CACHE_DIR, torch.device("cpu"))
