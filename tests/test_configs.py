@@ -24,9 +24,7 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem != "base")
 
 
-@pytest.mark.parametrize(
-    "override", [f"{g}={name}" for g in GROUPS for name in group_options(g)]
-)
+@pytest.mark.parametrize("override", [f"{g}={name}" for g in GROUPS for name in group_options(g)])
 def test_every_config_file_composes_and_validates(override, tmp_path):
     cfg = compose_plain([override, f"runs_dir={tmp_path}"])
     validate(cfg)
@@ -34,7 +32,9 @@ def test_every_config_file_composes_and_validates(override, tmp_path):
 
 def test_objective_variants_have_documented_semantics():
     expect = {
-        "mle": (0.0, 0.0), "masked_mle": ("pos", 0.0), "self_distill": (0.0, "pos"),
+        "mle": (0.0, 0.0),
+        "masked_mle": ("pos", 0.0),
+        "self_distill": (0.0, "pos"),
         "masked_mle_distill": ("pos", "pos"),
     }
     for name, (rho, lam) in expect.items():

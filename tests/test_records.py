@@ -12,10 +12,19 @@ from uapt import records
 
 def base_cfg() -> dict:
     return {
-        "seed": 0, "runs_dir": "runs", "cache_dir": "c", "experiment": None, "force": False,
+        "seed": 0,
+        "runs_dir": "runs",
+        "cache_dir": "c",
+        "experiment": None,
+        "force": False,
         "model": {"name": "tiny", "path": None},
         "dataset": {"name": "arith", "max_length": 256},
-        "objective": {"name": "masked_mle", "mask_ratio": 0.5, "distill_weight": 0.0, "chunk_size": 0},
+        "objective": {
+            "name": "masked_mle",
+            "mask_ratio": 0.5,
+            "distill_weight": 0.0,
+            "chunk_size": 0,
+        },
         "trainer": {"max_steps": 3, "lr": 1e-3, "log_every": 1, "device": "auto"},
         "eval": {"name": "none", "tasks": [], "batch_size": 8},
         "logger": {"name": "wandb", "mode": "offline"},
@@ -24,9 +33,16 @@ def base_cfg() -> dict:
 
 @pytest.mark.parametrize(
     ("section", "key", "value"),
-    [("trainer", "log_every", 10), ("trainer", "device", "cpu"), ("objective", "chunk_size", 512),
-     ("logger", "mode", "online"), ("eval", "batch_size", 32), (None, "runs_dir", "elsewhere"),
-     (None, "experiment", "sweep-a"), (None, "force", True)],
+    [
+        ("trainer", "log_every", 10),
+        ("trainer", "device", "cpu"),
+        ("objective", "chunk_size", 512),
+        ("logger", "mode", "online"),
+        ("eval", "batch_size", 32),
+        (None, "runs_dir", "elsewhere"),
+        (None, "experiment", "sweep-a"),
+        (None, "force", True),
+    ],
 )
 def test_execution_details_keep_the_id(section, key, value):
     cfg = base_cfg()
@@ -36,8 +52,14 @@ def test_execution_details_keep_the_id(section, key, value):
 
 @pytest.mark.parametrize(
     ("section", "key", "value"),
-    [("objective", "mask_ratio", 0.3), ("trainer", "lr", 2e-3), ("dataset", "max_length", 128),
-     ("model", "path", "x/y"), (None, "seed", 1), ("eval", "name", "embedded")],
+    [
+        ("objective", "mask_ratio", 0.3),
+        ("trainer", "lr", 2e-3),
+        ("dataset", "max_length", 128),
+        ("model", "path", "x/y"),
+        (None, "seed", 1),
+        ("eval", "name", "embedded"),
+    ],
 )
 def test_semantic_changes_change_the_id(section, key, value):
     cfg = base_cfg()

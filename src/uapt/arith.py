@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import random
 
-NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chen",
+    "Dana",
+    "Eli",
+    "Fatima",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+]
 TRAIN_LIMIT = 20_000  # train rows guaranteed disjoint from every test row
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards"]
 

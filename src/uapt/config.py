@@ -1,6 +1,7 @@
 """Validation of a composed run config, before any model is loaded or folder is created.
 
-Every error names the key and what is allowed, e.g. "trainer.precision='fp8' is not one of: fp32, bf16".
+Every error names the key and what is allowed, e.g.
+"trainer.precision='fp8' is not one of: fp32, bf16".
 Unknown keys are errors too: an option that is silently ignored is worse than none.
 """
 
@@ -22,13 +23,24 @@ def one_of(*choices: Any) -> tuple[Check, str]:
     return (lambda v: v in choices), "one of: " + ", ".join(map(str, choices))
 
 
-def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False, integer: bool = False) -> tuple[Check, str]:
+def number(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> tuple[Check, str]:
     def ok(v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, int | float) or (integer and not isinstance(v, int)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or (integer and not isinstance(v, int))
+        ):
             return False
-        return ((lo is None or (v > lo if lo_open else v >= lo))
-                and (hi is None or (v < hi if hi_open else v <= hi)))
+        return (lo is None or (v > lo if lo_open else v >= lo)) and (
+            hi is None or (v < hi if hi_open else v <= hi)
+        )
 
     kind = "an integer" if integer else "a number"
     bounds = []
@@ -58,8 +70,10 @@ TRAINER: dict[str, tuple[Check, str]] = {
     "min_lr_ratio": number(0, 1),
     "grad_clip": number(0),
     "precision": one_of("fp32", "bf16"),
-    "device": ((lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:")),
-               "auto, cpu, cuda or cuda:N"),
+    "device": (
+        (lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:")),
+        "auto, cpu, cuda or cuda:N",
+    ),
     "log_every": number(1, integer=True),
     "eval_every": number(0, integer=True),
     "val_batches": optional(number(1, integer=True)),
@@ -89,11 +103,25 @@ LOGGER: dict[str, tuple[Check, str]] = {
     "tags": ((lambda v: all(isinstance(t, str) for t in v)), "a list of strings"),
     "dir": TEXT,
 }
-TOP_LEVEL = {"model", "dataset", "objective", "trainer", "eval", "logger", "seed", "runs_dir",
-             "cache_dir", "experiment", "force", "sweep"}
+TOP_LEVEL = {
+    "model",
+    "dataset",
+    "objective",
+    "trainer",
+    "eval",
+    "logger",
+    "seed",
+    "runs_dir",
+    "cache_dir",
+    "experiment",
+    "force",
+    "sweep",
+}
 
 
-def check_section(section: str, node: Mapping[str, Any], schema: Mapping[str, tuple[Check, str]]) -> None:
+def check_section(
+    section: str, node: Mapping[str, Any], schema: Mapping[str, tuple[Check, str]]
+) -> None:
     for key, value in node.items():
         if key not in schema:
             raise ConfigError(f"{section}.{key} is not a known option; known: {', '.join(schema)}")
@@ -140,11 +168,10 @@ def _validate_room(module: str, function: str, node: Mapping[str, Any]) -> None:
 
 
 def _check_model_path(model: Mapping[str, Any]) -> None:
-    """A path that looks local must exist; anything else is a hub id, checked when loading."""
-    path = model.get("path")
-    if path and (str(path).startswith((".", "/", "~")) or Path(str(path)).suffix):
-        if not Path(str(path)).expanduser().exists():
-            raise ConfigError(f"model.path={path!r}: no such local folder")
+    """A path written as a path (./, /, ~) must exist; `org/name` is a hub id, checked on load."""
+    path = str(model.get("path") or "")
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.path={path!r}: no such local folder")
 
 
 def _check_batch(trainer: Mapping[str, Any], world_size: int = 1) -> None:

@@ -21,13 +21,30 @@ from typing import Any
 
 # Keys that change how a run is executed or observed, not what it computes.
 NON_SEMANTIC = {
-    "trainer": {"device", "log_every", "checkpoint_every", "keep_checkpoints", "nproc", "val_batches"},
+    "trainer": {
+        "device",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "nproc",
+        "val_batches",
+    },
     "objective": {"chunk_size"},
     "eval": {"batch_size", "log_samples"},
 }
 SEMANTIC_SECTIONS = ("model", "dataset", "objective", "trainer", "eval")
-PACKAGES = ("uapt", "torch", "transformers", "datasets", "tokenizers", "lm_eval", "hydra-core",
-            "omegaconf", "wandb", "peft")
+PACKAGES = (
+    "uapt",
+    "torch",
+    "transformers",
+    "datasets",
+    "tokenizers",
+    "lm_eval",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "peft",
+)
 
 
 def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,8 +69,14 @@ def _num(x: float) -> str:
 
 def run_slug(cfg: Mapping[str, Any]) -> str:
     obj = cfg["objective"]
-    parts = [cfg["model"]["name"], cfg["dataset"]["name"], obj["name"],
-             f"r{_num(obj['mask_ratio'])}", f"l{_num(obj['distill_weight'])}", f"s{cfg['seed']}"]
+    parts = [
+        cfg["model"]["name"],
+        cfg["dataset"]["name"],
+        obj["name"],
+        f"r{_num(obj['mask_ratio'])}",
+        f"l{_num(obj['distill_weight'])}",
+        f"s{cfg['seed']}",
+    ]
     return "-".join(str(p).replace("/", "_") for p in parts)
 
 
@@ -65,9 +88,13 @@ def run_summary(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Flat keys to filter and group runs by (tables, W&B)."""
     obj = cfg["objective"]
     return {
-        "model": cfg["model"]["name"], "dataset": cfg["dataset"]["name"], "objective": obj["name"],
-        "mask_ratio": float(obj["mask_ratio"]), "distill_weight": float(obj["distill_weight"]),
-        "seed": int(cfg["seed"]), "experiment": cfg.get("experiment"),
+        "model": cfg["model"]["name"],
+        "dataset": cfg["dataset"]["name"],
+        "objective": obj["name"],
+        "mask_ratio": float(obj["mask_ratio"]),
+        "distill_weight": float(obj["distill_weight"]),
+        "seed": int(cfg["seed"]),
+        "experiment": cfg.get("experiment"),
         "eval_suite": (cfg.get("eval") or {}).get("name"),
     }
 
@@ -113,10 +140,21 @@ def git_commit() -> str | None:
     """HEAD of the checkout uapt runs from, with '-dirty' when it has uncommitted changes."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
@@ -132,11 +170,22 @@ class RunRecord:
     def start(cls, folder: Path, cfg: Mapping[str, Any], world_size: int = 1) -> RunRecord:
         previous = read_record(folder) or {}
         data = {
-            "id": run_id(cfg), "slug": run_slug(cfg), "status": "running", "error": None,
-            "summary": run_summary(cfg), "config": dict(cfg), "metrics": {}, "data": {},
-            "eval": {}, "started_at": now(), "finished_at": None,
-            "attempts": int(previous.get("attempts", 0)) + 1, "timings": {},
-            "versions": versions(), "git_commit": git_commit(), "hostname": socket.gethostname(),
+            "id": run_id(cfg),
+            "slug": run_slug(cfg),
+            "status": "running",
+            "error": None,
+            "summary": run_summary(cfg),
+            "config": dict(cfg),
+            "metrics": {},
+            "data": {},
+            "eval": {},
+            "started_at": now(),
+            "finished_at": None,
+            "attempts": int(previous.get("attempts", 0)) + 1,
+            "timings": {},
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "hostname": socket.gethostname(),
             "world_size": world_size,
         }
         record = cls(folder, data)

@@ -39,12 +39,18 @@ def record_outcome(outcome: dict[str, Any]) -> None:
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> str:
-    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "skipped", "failed")}
-    line = (f"sweep: {counts['completed']} completed, {counts['skipped']} skipped, "
-            f"{counts['failed']} failed")
+    counts = {
+        s: sum(o["status"] == s for o in outcomes) for s in ("completed", "skipped", "failed")
+    }
+    line = (
+        f"sweep: {counts['completed']} completed, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed"
+    )
     failed = [o for o in outcomes if o["status"] == "failed"]
     if failed:
-        line += " — " + "; ".join(f"{o.get('id', '?')} ({o.get('slug', '?')}): {o['error']}" for o in failed)
+        line += " — " + "; ".join(
+            f"{o.get('id', '?')} ({o.get('slug', '?')}): {o['error']}" for o in failed
+        )
     return line
 
 

@@ -32,23 +32,32 @@ class Tracker:
     @staticmethod
     def _init_wandb(logger: Mapping[str, Any], cfg: Mapping[str, Any], run_id: str, slug: str):
         summary = {
-            "model": cfg["model"]["name"], "dataset": cfg["dataset"]["name"],
-            "objective": cfg["objective"]["name"], "mask_ratio": cfg["objective"]["mask_ratio"],
-            "distill_weight": cfg["objective"]["distill_weight"], "seed": cfg["seed"],
+            "model": cfg["model"]["name"],
+            "dataset": cfg["dataset"]["name"],
+            "objective": cfg["objective"]["name"],
+            "mask_ratio": cfg["objective"]["mask_ratio"],
+            "distill_weight": cfg["objective"]["distill_weight"],
+            "seed": cfg["seed"],
         }
         try:
             import wandb
 
             Path(logger["dir"]).expanduser().mkdir(parents=True, exist_ok=True)
             return wandb.init(
-                project=logger["project"], entity=logger.get("entity"), group=logger.get("group"),
-                job_type=cfg["objective"]["name"], name=slug, id=run_id, resume="allow",
+                project=logger["project"],
+                entity=logger.get("entity"),
+                group=logger.get("group"),
+                job_type=cfg["objective"]["name"],
+                name=slug,
+                id=run_id,
+                resume="allow",
                 tags=[*logger.get("tags", []), *map(str, summary.values())][:64],
                 config={**summary, "run_id": run_id, "full": dict(cfg)},
-                dir=str(Path(logger["dir"]).expanduser()), mode=logger["mode"],
+                dir=str(Path(logger["dir"]).expanduser()),
+                mode=logger["mode"],
                 settings=wandb.Settings(console="off", silent=True),
             )
-        except Exception as e:  # noqa: BLE001 - tracking must never kill a run
+        except Exception as e:
             log.warning("W&B disabled for this run: %s: %s", type(e).__name__, e)
             return None
 
@@ -66,7 +75,7 @@ class Tracker:
             return
         try:
             action(self.wandb_run)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("W&B call failed (%s: %s); continuing without W&B", type(e).__name__, e)
             self.wandb_run = None
 

@@ -1,4 +1,4 @@
-"""uapt-train: compose ► validate ► run identity ► model, data, objective ► loop ► evaluate ► record.
+"""uapt-train: compose ► validate ► identity ► model, data, objective ► loop ► evaluate ► record.
 
     uapt-train model=tiny dataset=arith objective=masked_mle_distill trainer.max_steps=20
     uapt-train sweep=demo            # a grid from conf/sweep/ (Hydra multirun)
@@ -9,10 +9,14 @@ to uapt.objectives and steps the optimizer. Everything a run produces lands in i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import resource
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from uapt import records
+from uapt import checkpoint, distributed, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.models import frozen_teacher, load_model, load_tokenizer
@@ -73,7 +77,9 @@ class BatchStream:
 def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:
     count = math.ceil(len(dataset) / size)
     for i in range(min(count, limit or count)):
-        yield collate([dataset[j] for j in range(i * size, min((i + 1) * size, len(dataset)))], pad_id)
+        yield collate(
+            [dataset[j] for j in range(i * size, min((i + 1) * size, len(dataset)))], pad_id
+        )
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -101,8 +107,13 @@ def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.
 
 
 # ----------------------------------------------------------------------------- the loss
-def forward_loss(model, teacher, batch: Mapping[str, torch.Tensor], objective: Mapping[str, Any],
-                 generator: torch.Generator | None) -> TokenLoss:
+def forward_loss(
+    model,
+    teacher,
+    batch: Mapping[str, torch.Tensor],
+    objective: Mapping[str, Any],
+    generator: torch.Generator | None,
+) -> TokenLoss:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     logits = model(**inputs).logits
     teacher_logits = None
@@ -131,43 +142,51 @@ def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, dev
 @dataclass
 class Trainer:
     cfg: Mapping[str, Any]
-    model: torch.nn.Module
+    model: torch.nn.Module  # what runs forward: the model, or its DDP wrapper
     teacher: torch.nn.Module | None
     stream: BatchStream
     device: torch.device
     accumulation: int
+    world: distributed.World = field(default_factory=distributed.World)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
-    generator: torch.Generator = field(init=False)
     step: int = 0
     probe: dict[str, torch.Tensor] | None = None
     probe_kept: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        trainer = self.cfg["trainer"]
-        self.optimizer = make_optimizer(self.model, trainer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer))
-        # Selection noise (select=random) has its own stream, seeded per rank.
-        self.generator = torch.Generator(self.device).manual_seed(self.cfg["seed"] + 7919 * self.stream.rank)
+        self.optimizer = make_optimizer(self.model, self.cfg["trainer"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.cfg["trainer"])
+        )
 
     def autocast(self):
         if self.cfg["trainer"]["precision"] != "bf16":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def noise(self, micro: int) -> torch.Generator:
+        """Selection noise (select=random) as a pure function of (seed, step, micro-batch, rank)."""
+        key = ((self.cfg["seed"] * 1_000_003 + self.step) * 1009 + micro) * 101 + self.world.rank
+        return torch.Generator(self.device).manual_seed(key)
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `accumulation` micro-batches; returns the step's metrics."""
-        objective, trainer = self.cfg["objective"], self.cfg["trainer"]
         started, parts, tokens = time.perf_counter(), [], 0
         for micro in range(self.accumulation):
             batch = self.stream.micro_batch(self.step * self.accumulation + micro)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                out = forward_loss(self.model, self.teacher, batch, objective, self.generator)
-            (out.total / self.accumulation).backward()
+            last = micro == self.accumulation - 1
+            sync = nullcontext() if last or not self.world.distributed else self.model.no_sync()
+            with sync, self.autocast():
+                out = forward_loss(
+                    self.model, self.teacher, batch, self.cfg["objective"], self.noise(micro)
+                )
+                # Each rank's loss is its share of the global token mean; DDP averages gradients.
+                (out.total * self.world.world_size / self.accumulation).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
-        clip = trainer["grad_clip"] or float("inf")
+        clip = self.cfg["trainer"]["grad_clip"] or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -175,38 +194,59 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - started
-        return {**loss_metrics(parts), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens / elapsed, "peak_mem_mb": peak_memory_mb(self.device)}
+        metrics = loss_metrics(parts, self.world)
+        tokens = int(distributed.all_sum(torch.tensor([tokens]), self.world))
+        return {
+            **metrics,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / elapsed,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
 
     @torch.no_grad()
     def probe_overlap(self) -> float | None:
-        """Kept-set overlap (Jaccard) on a fixed probe batch since the last probe: the curriculum."""
+        """Kept-set Jaccard overlap on a fixed probe batch since the last probe (the curriculum)."""
         if self.probe is None or not self.cfg["objective"]["mask_ratio"]:
             return None
         self.model.eval()
         generator = torch.Generator(self.device).manual_seed(self.cfg["seed"])
         with self.autocast():
-            kept = forward_loss(self.model, self.teacher, self.probe, self.cfg["objective"], generator).kept
+            kept = forward_loss(
+                self.model, self.teacher, self.probe, self.cfg["objective"], generator
+            ).kept
         self.model.train()
-        previous, self.probe_kept = self.probe_kept, kept
-        return None if previous is None else kept_overlap(previous, kept)
+        previous, self.probe_kept = self.probe_kept, kept.cpu()
+        return None if previous is None else kept_overlap(previous, self.probe_kept)
 
 
-def loss_metrics(parts: list[TokenLoss]) -> dict[str, float]:
-    """Means over the micro-batches of one step, and the kept/unkept diagnostics."""
-
-    def mean(values) -> float:
-        values = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in values]
-        return sum(values) / len(values)
-
-    kept = sum(int((p.kept & p.valid).sum()) for p in parts)
-    valid = sum(int(p.valid.sum()) for p in parts)
+def loss_metrics(parts: list[TokenLoss], world: distributed.World) -> dict[str, float]:
+    """Step means over micro-batches (summed over ranks: each rank holds its share), diagnostics."""
+    sums = torch.tensor(
+        [
+            [
+                float(p.total.detach()),
+                float(p.mle.detach()),
+                float(p.distill.detach()),
+                int((p.kept & p.valid).sum()),
+                int(p.valid.sum()),
+                float(p.nll[p.kept & p.valid].sum()),
+                float(p.nll[~p.kept & p.valid].sum()),
+            ]
+            for p in parts
+        ],
+        dtype=torch.float64,
+    ).sum(0)
+    total, mle, distill, kept, valid, nll_kept, nll_unkept = distributed.all_sum(
+        sums, world
+    ).tolist()
+    n = len(parts)
     unkept = valid - kept
-    nll_kept = sum(float(p.nll[p.kept & p.valid].sum()) for p in parts)
-    nll_unkept = sum(float(p.nll[~p.kept & p.valid].sum()) for p in parts)
     return {
-        "loss": mean(p.total for p in parts), "loss/mle": mean(p.mle for p in parts),
-        "loss/distill": mean(p.distill for p in parts), "kept_frac": kept / max(valid, 1),
+        "loss": total / n,
+        "loss/mle": mle / n,
+        "loss/distill": distill / n,
+        "kept_frac": kept / max(valid, 1),
         "nll/kept": nll_kept / kept if kept else float("nan"),
         "nll/unkept": nll_unkept / unkept if unkept else float("nan"),
     }
@@ -218,9 +258,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: distributed.World) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -231,49 +273,205 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint; re-running resumes it."""
+
+
+class StopSignals:
+    """The first SIGINT / SIGTERM / SIGUSR1 asks the loop to checkpoint at the next step boundary
+    and stop; a second one stops at once. A handler that was installed before (submitit's requeue
+    on SLURM's pre-timeout signal) is called after the checkpoint is written."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self) -> StopSignals:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning(
+            "%s received: checkpointing after this step (again to stop now)",
+            signal.Signals(signum).name,
+        )
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def stop(self, step: int, saved: Path | None) -> None:
+        previous = self.previous.get(self.received)
+        self._restore()
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.received, None)  # e.g. submitit: requeue this job
+        name = signal.Signals(self.received).name
+        raise Interrupted(
+            f"stopped by {name} after step {step}; checkpoint {saved}; "
+            "run the same command again to resume"
+        )
+
+
 # ----------------------------------------------------------------------------- one run
-def train(cfg: Mapping[str, Any], record: records.RunRecord, tracker: Tracker) -> None:
+def train(
+    cfg: Mapping[str, Any],
+    folder: Path,
+    record: records.RunRecord | None,
+    tracker: Tracker | None,
+    world: distributed.World,
+) -> None:
+    """Train one run in `folder`. Only rank 0 has a record and a tracker."""
     trainer_cfg = cfg["trainer"]
-    device = pick_device(trainer_cfg["device"])
+    device = pick_device(trainer_cfg["device"], world)
     seed_everything(cfg["seed"], trainer_cfg["deterministic"])
     started = time.perf_counter()
 
     tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
-    train_set, val_set, data_stats = build_datasets(cfg["dataset"], tokenizer, cfg["seed"], cfg["cache_dir"])
-    record.update(data=data_stats)
+    train_set, val_set, data_stats = build_datasets(
+        cfg["dataset"], tokenizer, cfg["seed"], cfg["cache_dir"]
+    )
     torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
     model.train()
     teacher = frozen_teacher(model) if needs_teacher(cfg["objective"]) else None
+    runner = model
+    if world.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    stream = BatchStream(train_set, trainer_cfg["micro_batch_size"], cfg["seed"], tokenizer.pad_token_id)
-    loop = Trainer(cfg, model, teacher, stream, device, accumulation_steps(trainer_cfg, 1))
-    loop.probe = next(eval_batches(val_set, trainer_cfg["micro_batch_size"], tokenizer.pad_token_id, 1))
-    loop.probe = {k: v.to(device) for k, v in loop.probe.items()}
-    record.update(timings={"setup_s": round(time.perf_counter() - started, 2)})
+    pad = tokenizer.pad_token_id
+    stream = BatchStream(
+        train_set, trainer_cfg["micro_batch_size"], cfg["seed"], pad, world.rank, world.world_size
+    )
+    loop = Trainer(
+        cfg,
+        runner,
+        teacher,
+        stream,
+        device,
+        accumulation_steps(trainer_cfg, world.world_size),
+        world,
+    )
+    probe = next(eval_batches(val_set, trainer_cfg["micro_batch_size"], pad, 1), None)
+    loop.probe = probe and {k: v.to(device) for k, v in probe.items()}
 
-    metrics: dict[str, float] = {}
-    bar = tqdm(total=trainer_cfg["max_steps"], desc=record.data["slug"], unit="step", dynamic_ncols=True)
-    while loop.step < trainer_cfg["max_steps"]:
-        row = loop.train_step()
-        bar.update(1)
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"non-finite loss {row['loss']} at step {loop.step}")
-        if loop.step % trainer_cfg["log_every"] == 0 or loop.step == trainer_cfg["max_steps"]:
-            row["kept_overlap"] = loop.probe_overlap()
-            every = trainer_cfg["eval_every"]
-            if every and loop.step % every == 0 and loop.step < trainer_cfg["max_steps"]:
-                row["val/loss"] = validation_loss(model, val_set, trainer_cfg, tokenizer.pad_token_id, device)
-            row = {k: v for k, v in row.items() if v is not None}
-            tracker.log(loop.step, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
-            metrics.update({f"train/{k}": v for k, v in row.items()})
+    checkpoints = folder / "checkpoints"
+    metrics = resume(loop, model, checkpoints, folder / "metrics.jsonl", world)
+    if record:
+        record.update(
+            data=data_stats,
+            resumed_from_step=loop.step or None,
+            timings={"setup_s": round(time.perf_counter() - started, 2)},
+        )
+
+    every, last_saved = trainer_cfg["checkpoint_every"], checkpoint.latest(checkpoints)
+    bar = tqdm(
+        total=trainer_cfg["max_steps"],
+        initial=loop.step,
+        desc=folder.name[:40],
+        unit="step",
+        dynamic_ncols=True,
+        disable=not world.is_main,
+    )
+    with StopSignals() as stop:
+        while loop.step < trainer_cfg["max_steps"]:
+            row = loop.train_step()
+            bar.update(1)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss ({row['loss']}) at step {loop.step}; "
+                    f"last good checkpoint: {last_saved or 'none'}"
+                )
+            if loop.step % trainer_cfg["log_every"] == 0 or loop.step == trainer_cfg["max_steps"]:
+                row = log_step(loop, row, val_set, pad, tracker)
+                metrics.update({f"train/{k}": v for k, v in row.items()})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
+            due = every and loop.step % every == 0 and loop.step < trainer_cfg["max_steps"]
+            if due or stop.received:
+                last_saved = save_checkpoint(loop, model, checkpoints, metrics) or last_saved
+            if stop.received:
+                stop.stop(loop.step, last_saved)
     bar.close()
     train_s = time.perf_counter() - started
-    metrics["val/loss"] = validation_loss(model, val_set, trainer_cfg, tokenizer.pad_token_id, device)
-    log.info("step %d  loss %.4f  val/loss %.4f", loop.step, metrics["train/loss"], metrics["val/loss"])
-    record.update(metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)})
-    tracker.summary(metrics)
+    metrics["val/loss"] = validation_loss(model, val_set, trainer_cfg, pad, device)
+    log.info(
+        "step %d  loss %.4f  val/loss %.4f",
+        loop.step,
+        metrics.get("train/loss", float("nan")),
+        metrics["val/loss"],
+    )
+    if record:
+        record.update(
+            metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)}
+        )
+        tracker.summary(metrics)
+
+
+def log_step(
+    loop: Trainer, row: dict[str, Any], val_set, pad: int, tracker: Tracker | None
+) -> dict:
+    row["kept_overlap"] = loop.probe_overlap()
+    every = loop.cfg["trainer"]["eval_every"]
+    if every and loop.step % every == 0 and loop.step < loop.cfg["trainer"]["max_steps"]:
+        row["val/loss"] = validation_loss(
+            loop.model, val_set, loop.cfg["trainer"], pad, loop.device
+        )
+    row = {k: v for k, v in row.items() if v is not None}
+    if tracker:
+        tracker.log(loop.step, row)
+    return row
+
+
+def save_checkpoint(
+    loop: Trainer, model: torch.nn.Module, folder: Path, metrics: dict
+) -> Path | None:
+    """Rank 0 writes; every rank waits for it so that none runs ahead of a checkpoint."""
+    saved = None
+    if loop.world.is_main:
+        state = checkpoint.TrainingState(loop.step, dict(metrics), loop.probe_kept)
+        saved = checkpoint.save(
+            folder,
+            model,
+            loop.optimizer,
+            loop.scheduler,
+            state,
+            loop.cfg["trainer"]["keep_checkpoints"],
+        )
+    distributed.barrier(loop.world)
+    return saved
+
+
+def resume(
+    loop: Trainer,
+    model: torch.nn.Module,
+    folder: Path,
+    metrics_path: Path,
+    world: distributed.World,
+) -> dict[str, float]:
+    """Restore the newest valid checkpoint, if any; drop metric rows logged after it."""
+    latest = checkpoint.latest(folder)
+    if latest is None:
+        if world.is_main:
+            metrics_path.unlink(missing_ok=True)  # an attempt that died before its first checkpoint
+        return {}
+    state = checkpoint.load(latest, model, loop.optimizer, loop.scheduler)
+    loop.step, loop.probe_kept = state.step, state.probe_kept
+    if world.is_main and metrics_path.exists():
+        rows = [
+            r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= state.step
+        ]
+        metrics_path.write_text("".join(r + "\n" for r in rows))
+    log.info("resuming from %s (step %d)", latest, state.step)
+    return dict(state.metrics)
 
 
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -281,28 +479,56 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     validate(cfg)
     folder = records.run_dir(cfg)
     outcome = {"id": records.run_id(cfg), "slug": records.run_slug(cfg), "dir": str(folder)}
+    nproc = cfg["trainer"]["nproc"]
+    if nproc > 1 and not distributed.under_torchrun():
+        log.info("launching %d processes with torchrun", nproc)
+        code = distributed.relaunch_with_torchrun(nproc, hydra_overrides())
+        status = (records.read_record(folder) or {}).get("status", "failed")
+        if code:
+            raise RuntimeError(f"torchrun exited with {code}; see {folder / 'train.log'}")
+        return {**outcome, "status": status}
+    world = distributed.init(pick_device(cfg["trainer"]["device"], distributed.World()))
     existing = records.read_record(folder)
     if existing and existing.get("status") == "completed" and not cfg["force"]:
-        log.info("%s already completed in %s; not training again (force=true to override)",
-                 outcome["slug"], folder)
+        log.info(
+            "%s already completed in %s; not training again (force=true to override)",
+            outcome["slug"],
+            folder,
+        )
         return {**outcome, "status": "skipped"}
-    record = records.RunRecord.start(folder, cfg)
-    handler = attach_file_log(folder / "train.log")
-    tracker = Tracker(folder, cfg, outcome["id"], outcome["slug"])
+    if cfg["force"] and world.is_main:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    distributed.barrier(world)
+    record = tracker = handler = None
+    if world.is_main:
+        record = records.RunRecord.start(folder, cfg, world.world_size)
+        handler = attach_file_log(folder / "train.log")
+        tracker = Tracker(folder, cfg, outcome["id"], outcome["slug"])
     failed = True
     try:
-        train(cfg, record, tracker)
-        record.complete()
+        train(cfg, folder, record, tracker, world)
+        if record:
+            record.complete()
+            log.info("completed %s -> %s", outcome["slug"], folder / "run.json")
         failed = False
-        log.info("completed %s -> %s", outcome["slug"], folder / "run.json")
         return {**outcome, "status": "completed"}
     except BaseException as e:
-        record.fail(e)
+        if record:
+            record.fail(e)
         raise
     finally:
-        tracker.finish(failed=failed)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if tracker:
+            tracker.finish(failed=failed)
+        if handler:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def hydra_overrides() -> list[str]:
+    """The command line of this run, for relaunching it under torchrun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def attach_file_log(path: Path) -> logging.Handler:
@@ -348,7 +574,7 @@ def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         ids = {"id": records.run_id(plain), "slug": records.run_slug(plain)}
-    except Exception:  # noqa: BLE001 - the config itself may be what is broken
+    except Exception:
         ids = {"id": None, "slug": None}
     return {**ids, "status": "failed", "error": error}
 

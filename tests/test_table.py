@@ -1,0 +1,382 @@
+"""uapt-table: hand-written run records in, hand-written golden table out (no GPU, no models)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from uapt.table import (
+    ExperimentError,
+    build_table,
+    load_experiment,
+    load_runs,
+    main,
+    make_plots,
+    split_path,
+    to_csv,
+    to_latex,
+    to_markdown,
+    to_text,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+RUNS = FIXTURES / "table_runs" / "runs"
+EXPERIMENT = FIXTURES / "table_runs" / "experiment.yaml"
+GOLDEN = FIXTURES / "table_golden.md"
+SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
+GEMMA, TINY = ("gemma2_2b", "alpaca"), ("tiny", "alpaca")
+
+
+@pytest.fixture(scope="module")
+def golden_table():
+    runs, problems = load_runs([RUNS])
+    assert problems == []
+    return build_table(load_experiment(EXPERIMENT), runs, problems)
+
+
+def test_markdown_matches_hand_written_golden(golden_table):
+    assert to_markdown(golden_table) == GOLDEN.read_text()
+
+
+def test_cli_markdown_matches_golden():
+    proc = subprocess.run(
+        [sys.executable, "-m", "uapt.table", str(EXPERIMENT), "--runs", str(RUNS),
+         "--format", "markdown"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == GOLDEN.read_text()
+
+
+def test_cells_match_a_naive_reference(golden_table):
+    """Recompute every cell straight from the JSON files with the statistics module."""
+    groups = defaultdict(list)
+    for path in RUNS.glob("*/run.json"):
+        rec = json.loads(path.read_text())
+        s = rec["summary"]
+        if rec["status"] == "completed" and s["experiment"] == "golden":
+            groups[(s["model"], s["dataset"], s["objective"])].append(rec)
+    checked = 0
+    for (model, dataset, objective), recs in groups.items():
+        ifeval = [100 * r["eval"]["ifeval"]["prompt_level_strict_acc"] for r in recs]
+        loss = [r["metrics"]["val/loss"] for r in recs]
+        for label, values in (("IFEval", ifeval), ("val loss", loss)):
+            cell = golden_table.cells[((model, dataset), label, objective)]
+            assert cell.n == len(values)
+            assert cell.mean == pytest.approx(statistics.mean(values))
+            if len(values) > 1:
+                assert cell.std == pytest.approx(statistics.stdev(values))
+            else:
+                assert cell.std is None
+            checked += 1
+    assert checked == 2 * 5  # two metrics x (3 gemma objectives with results + 2 tiny)
+
+
+def test_failed_and_running_runs_are_counted_not_aggregated(golden_table):
+    masked = golden_table.cells[(GEMMA, "IFEval", "masked_mle")]
+    assert masked.n == 2 and dict(masked.incomplete) == {"failed": 1}
+    running = golden_table.cells[(GEMMA, "IFEval", "self_distill")]
+    assert running.n == 0 and dict(running.incomplete) == {"running": 1}
+    assert "Not aggregated: 1 failed, 1 running." in golden_table.notes
+    # a run of another experiment (seed 3, IFEval 0.90) never reaches the table
+    assert golden_table.cells[(GEMMA, "IFEval", "mle")].n == 3
+
+
+def test_expected_cells_without_runs_read_missing(tmp_path):
+    text = EXPERIMENT.read_text().replace(
+        "values: [mle, masked_mle, self_distill, masked_mle_distill]",
+        "values: [mle, masked_mle, self_distill, masked_mle_distill, rho1]",
+    )
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(text)
+    runs, _ = load_runs([RUNS])
+    table = build_table(load_experiment(exp_file), runs)
+    md = to_markdown(table)
+    assert "| masked_mle_distill | rho1 | paper |" in md
+    assert all(table.cells[(rk, m, "rho1")].n == 0 for rk in table.rows for m in ("IFEval",))
+    tiny_gsm8k = next(line for line in md.splitlines() if "| GSM8K | missing |" in line)
+    assert tiny_gsm8k.count("missing") == 6  # base + 5 columns
+    # a whole expected row (full product of listed row values) with no runs at all
+    text = text.replace("rows: [model, dataset]",
+                        "rows:\n  - {field: model, values: [gemma2_2b, tiny, phi2]}\n"
+                        "  - {field: dataset, values: [alpaca]}")  # fmt: skip
+    exp_file.write_text(text)
+    table = build_table(load_experiment(exp_file), runs)
+    assert table.rows == [GEMMA, TINY, ("phi2", "alpaca")]
+    assert "| phi2 | alpaca | IFEval | missing | missing |" in to_markdown(table)
+
+
+def test_pooling_runs_that_differ_in_more_than_the_seed_is_flagged(tmp_path):
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(RUNS, runs_dir)
+    src = next(runs_dir.glob("gemma2_2b-alpaca-mle-r0-l0-s0-*"))
+    rec = json.loads((src / "run.json").read_text())
+    rec["id"], rec["config"]["trainer"]["lr"] = "0123456789", 3e-5
+    (runs_dir / "copy-0123456789").mkdir()
+    (runs_dir / "copy-0123456789" / "run.json").write_text(json.dumps(rec))
+    runs, _ = load_runs([runs_dir])
+    table = build_table(load_experiment(EXPERIMENT), runs)
+    note = next(n for n in table.notes if n.startswith("cell gemma2_2b / alpaca / mle pools"))
+    assert "4 runs of 2 configurations (differing in trainer.lr)" in note
+    assert "repeated seed(s) 0" in note
+
+
+def test_a_run_found_twice_is_counted_once():
+    runs, _ = load_runs([RUNS, RUNS])
+    table = build_table(load_experiment(EXPERIMENT), runs)
+    assert table.cells[(GEMMA, "IFEval", "mle")].n == 3
+    assert any("found twice" in n for n in table.notes)
+
+
+def test_unreadable_records_are_reported(tmp_path):
+    (tmp_path / "broken-1").mkdir()
+    (tmp_path / "broken-1" / "run.json").write_text("{not json")
+    (tmp_path / "empty-2").mkdir()
+    (tmp_path / ".sweeps").mkdir()  # hidden: the sweep bookkeeping, not a run
+    runs, problems = load_runs([tmp_path])
+    assert runs == [] and len(problems) == 2
+    table = build_table(load_experiment(EXPERIMENT), runs, problems)
+    assert any(n.startswith("not loaded:") and "broken-1" in n for n in table.notes)
+    assert "No run matched the experiment's `runs` filter." in table.notes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("metrics.val/loss", ("metrics", "val/loss")),
+        ("eval.gsm8k.exact_match,strict-match", ("eval", "gsm8k", "exact_match,strict-match")),
+        ('eval."task.v2".acc', ("eval", "task.v2", "acc")),
+        ('"a.b"', ("a.b",)),
+    ],
+)
+def test_split_path(text, expected):
+    assert split_path(text) == expected
+
+
+@pytest.mark.parametrize("text", ["eval..acc", "eval.", '"open', '"a"b'])
+def test_split_path_rejects(text):
+    with pytest.raises(ValueError):
+        split_path(text)
+
+
+def test_csv_is_tidy_with_full_precision(golden_table):
+    rows = list(csv.DictReader(io.StringIO(to_csv(golden_table))))
+    assert len(rows) == 2 * 3 * 4  # row groups x metrics x columns
+    by_key = {(r["model"], r["metric"], r["objective"]): r for r in rows}
+    md = by_key[("gemma2_2b", "IFEval", "masked_mle_distill")]
+    assert (md["mean"], md["std"], md["n"], md["delta"], md["base"], md["paper_delta"]) == (
+        "50", "1", "3", "8", "35", "7.5")  # fmt: skip
+    assert float(by_key[("gemma2_2b", "val loss", "mle")]["mean"]) == pytest.approx(4.48 / 3)
+    assert by_key[("gemma2_2b", "IFEval", "masked_mle")]["not_aggregated"] == "1 failed"
+    assert by_key[("tiny", "GSM8K", "mle")]["mean"] == "" and by_key[("tiny", "GSM8K", "mle")][
+        "n"] == "0"  # fmt: skip
+
+
+def test_latex_is_booktabs_and_escaped(golden_table):
+    tex = to_latex(golden_table)
+    assert tex.startswith("\\begin{table}") and tex.rstrip().endswith("\\end{table}")
+    for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lllrrrrrl}"):
+        assert rule in tex
+    assert "masked\\_mle\\_distill" in tex
+    assert "50.0 $\\pm$ 1.0 (+8.0) [n=3]" in tex
+    body = [line for line in tex.splitlines() if line.rstrip().endswith("\\\\")]
+    assert len(body) == 1 + 6 and all(line.count("&") == 8 for line in body)
+
+
+def test_rich_rendering_keeps_cells_whole(golden_table):
+    text = to_text(golden_table)
+    assert "Golden fixture table" in text
+    assert "50.0 ± 1.0 (+8.0) [n=3]" in text
+    assert "• Not aggregated: 1 failed, 1 running." in text
+
+
+def test_cli_writes_output_and_plots(tmp_path, capsys):
+    out, plots = tmp_path / "t" / "table.tex", tmp_path / "plots"
+    argv = [str(EXPERIMENT), "--runs", str(RUNS), "--format", "latex", "--output", str(out),
+            "--plot", str(plots)]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert out.read_text().startswith("\\begin{table}")
+    pngs = sorted(plots.glob("*.png"))
+    assert [p.name for p in pngs] == [
+        "experiment-distill_weight-gsm8k.png",
+        "experiment-id_vs_ood-gsm8k-ifeval.png",
+        "experiment-mask_ratio-ifeval.png",
+    ]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"wrote {png}" in err
+    assert f"wrote {out}" in err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main([str(EXPERIMENT), "--runs", str(tmp_path / "nope")]) == 2
+    assert "runs directory not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: t\nrows: [model]\ncolumns: objective\n")
+    assert main([str(bad), "--runs", str(RUNS)]) == 2
+    assert f"{bad}: cells: required key is missing" in capsys.readouterr().err
+
+
+GOOD = """title: t
+rows: [model]
+columns: {field: objective, values: [mle, masked_mle]}
+cells:
+  - {label: a, path: eval.ifeval.prompt_level_strict_acc}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("colour: red\n", ":6: colour: unknown key"),
+        ("title: again\n", ":6: duplicate key 'title'"),
+        ("baseline: sft\n", ":6: baseline: 'sft' is not among columns.values"),
+        ("runs: {mask_ratio: {gtt: 0.1}}\n", ":6: runs.mask_ratio.gtt: unknown operator"),
+        ("runs: {mask_ratio: {in: 0.1}}\n", ":6: runs.mask_ratio.in: expected a list"),
+        ("plots: [{kind: bar, metric: a}]\n", ":6: plots[0].kind: 'bar' is not one of"),
+        ("plots: [{kind: mask_ratio, metric: b}]\n", ":6: plots[0].metric: 'b' is not a cell"),
+        ("plots: [{kind: id_vs_ood, x: a}]\n", ":6: plots[0].y: required for kind id_vs_ood"),
+        ("plots: [{kind: mask_ratio}]\n", ":6: plots[0].metric: required"),
+        (
+            "paper: [{metric: a, row: {seed: 0}, column: mle, delta: 1, vs: mle}]\n",
+            ":6: paper[0].row.seed: not a row field",
+        ),
+        ("paper: [{metric: a, column: mle, delta: 1}]\n", ":6: paper[0]: vs (the column"),
+        ("paper: [{metric: zz, column: mle, value: 1}]\n", ":6: paper[0].metric: 'zz' is not"),
+        ("cells: [{label: a, path: accuracy}]\n", None),
+    ],
+)
+def test_bad_experiment_files_name_the_key(tmp_path, extra, message):
+    path = tmp_path / "exp.yaml"
+    if message is None:  # replace the cells instead of adding a key
+        path.write_text(GOOD.split("cells:")[0] + extra)
+        message = ":4: cells[0].path: a metric path needs at least two segments"
+    else:
+        path.write_text(GOOD + extra)
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    assert str(info.value).startswith(str(path))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        ("  - {label: a, path: eval..acc}\n", "cells[0].path: empty segment"),
+        ("  - {label: a, path: eval.x.y, decimals: -1}\n", "cells[0].decimals: expected an int"),
+        ("  - {label: a, path: eval.x.y, paths: [eval.x.z]}\n", "cells[0]: give exactly one"),
+        ("  - {label: a, path: eval.x.y}\n  - {label: a, path: eval.x.z}\n", "labels must be"),
+        ("  - {path: eval.x.y}\n", "cells[0].label: required key is missing"),
+    ],
+)
+def test_bad_cells_name_the_key(tmp_path, cells, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(GOOD.split("cells:")[0] + "cells:\n" + cells)
+    with pytest.raises(ExperimentError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_experiment(path)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("title: [unclosed\n")
+    with pytest.raises(ExperimentError, match="invalid YAML"):
+        load_experiment(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ExperimentError, match="expected a mapping"):
+        load_experiment(path)
+
+
+# --------------------------------------------------------------------------- shipped experiments
+
+
+def _write_run(folder: Path, summary: dict, eval_: dict, eval_base: dict, val_loss: float) -> None:
+    folder.mkdir(parents=True)
+    record = {
+        "id": folder.name[-10:], "slug": folder.name[:-11], "status": "completed", "error": None,
+        "summary": summary, "config": {}, "metrics": {"val/loss": val_loss},
+        "eval": eval_, "eval_base": eval_base,
+    }  # fmt: skip
+    (folder / "run.json").write_text(json.dumps(record))
+
+
+def _synthetic_runs(exp, root: Path) -> int:
+    """Two seeds of every expected column value (and of lambda = 0 and > 0 where rows split on
+    it), with every metric the experiment reads."""
+    experiment = next(cond.tests[0][1] for name, _, cond in exp.filters if name == "experiment")
+    column = exp.column.path[-1]
+    variants = []
+    for value in exp.column.expected():
+        v = {"objective": "masked_mle_distill", "mask_ratio": 0.5, "distill_weight": 1.0}
+        v[column] = value
+        variants.append(v)
+        if any(a.name == "distill_weight" for a in exp.rows):
+            variants.append({**v, "distill_weight": 0.0})
+    paths = {p for m in exp.cells for p in m.paths if p[0] == "eval"}
+    count = 0
+    for i, v in enumerate(variants):
+        for seed in (0, 1):
+            score = 0.2 + 0.05 * i + 0.01 * seed
+            eval_, base = {}, {}
+            for _, task, metric in paths:
+                eval_.setdefault(task, {})[metric] = score
+                base.setdefault(task, {})[metric] = 0.1
+            summary = {"model": "tiny", "dataset": "arith", "seed": seed,
+                       "experiment": experiment, **v}  # fmt: skip
+            _write_run(root / f"run{i}-s{seed}-{i:08d}{seed:02d}", summary, eval_, base, 2 - score)
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_experiments_validate_render_and_plot(path, tmp_path):
+    exp = load_experiment(path)
+    assert any(name == "experiment" for name, _, _ in exp.filters), "filter by summary.experiment"
+    n_runs = _synthetic_runs(exp, tmp_path / "runs")
+    runs, problems = load_runs([tmp_path / "runs"])
+    assert len(runs) == n_runs and problems == []
+    table = build_table(exp, runs, problems)
+    assert table.rows and all(cell.n == 2 for cell in table.cells.values())
+    assert not any("pools" in n for n in table.notes)
+    assert "Mean ± sample std (ddof=1) over seeds; n = 2 per cell." in table.notes
+    for metric in exp.cells:  # base scores exist for eval metrics, "—" for the rest
+        expected = float if metric.base_paths else type(None)
+        assert all(isinstance(table.base[(rk, metric.label)], expected) for rk in table.rows)
+    for render in (to_markdown, to_csv, to_latex, to_text):
+        assert "missing" not in render(table)
+    written, notes = make_plots(exp, runs, tmp_path / "plots")
+    assert len(written) == len(exp.plots) and notes == []
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_operators_list_paths_labels_and_a_single_row_group(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "title: quick\n"
+        "runs: {experiment: golden, model: gemma2_2b, mask_ratio: {ge: 0, lt: 0.5}}\n"
+        "rows: []\n"
+        "columns: {field: objective, labels: {mle: SFT}}\n"
+        "cells:\n"
+        "  - {label: IFEval, path: [eval, ifeval, prompt_level_strict_acc], scale: 100}\n"
+        '  - {label: GSM8K, path: "eval.gsm8k.exact_match,strict-match", scale: 100}\n'
+        "baseline: mle\n"
+        "base: false\n"
+    )
+    runs, _ = load_runs([RUNS])
+    table = build_table(load_experiment(path), runs)
+    # mask_ratio < 0.5 keeps mle (rho 0) and self_distill (rho 0, running); baseline first
+    assert table.rows == [()] and table.columns == ["mle", "self_distill"]
+    md = to_markdown(table)
+    assert "| metric | SFT | self_distill |" in md
+    assert "| IFEval | 42.0 ± 2.0 | missing (1 running) |" in md
+    assert "| GSM8K | 22.0 ± 2.0 | missing (1 running) |" in md
