@@ -81,6 +81,7 @@ TRAINER: dict[str, tuple[Check, str]] = {
     "checkpoint_every": number(0, integer=True),
     "keep_checkpoints": number(1, integer=True),
     "nproc": number(1, integer=True),
+    "save_model": BOOL,
 }
 MODEL: dict[str, tuple[Check, str]] = {
     "name": TEXT,

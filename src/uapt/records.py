@@ -28,6 +28,7 @@ NON_SEMANTIC = {
         "keep_checkpoints",
         "nproc",
         "val_batches",
+        "save_model",
     },
     "objective": {"chunk_size"},
     "eval": {"batch_size", "log_samples"},

@@ -410,10 +410,21 @@ def train(
         metrics["val/loss"],
     )
     if record:
-        record.update(
-            metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)}
-        )
+        if trainer_cfg["save_model"]:
+            save_model(model, tokenizer, folder / "model")
+        timings = {**record.data["timings"], "train_s": round(train_s, 2)}
+        record.update(metrics=metrics, timings=timings)
         tracker.summary(metrics)
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
+    """The final weights as a loadable folder (`model.path=<run>/model`), published atomically."""
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def log_step(
