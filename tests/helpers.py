@@ -10,22 +10,45 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to run in seconds on 2 cores, big enough to learn something.
-TINY = ["model=tiny", "dataset=arith", "dataset.num_train=64", "dataset.val_size=16",
-        "logger=none", "trainer.batch_size=4", "trainer.micro_batch_size=4"]
+TINY = [
+    "model=tiny",
+    "dataset=arith",
+    "dataset.num_train=64",
+    "dataset.val_size=16",
+    "logger=none",
+    "trainer.batch_size=4",
+    "trainer.micro_batch_size=4",
+]
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
-def run_cli(module: str, *args: str, check: bool = False, timeout: int = 600,
-            **popen) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout, **popen)
+def run_cli(
+    module: str, *args: str, check: bool = False, timeout: int = 600, **popen
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} exited {proc.returncode}:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

@@ -105,9 +105,18 @@ def _both(obj, hidden, teacher_hidden, weight, bias, labels, teacher_head, softc
     return naive, naive_grads, chunked, chunked_grads
 
 
+# Rows per elementwise block inside a chunk (None: the module default, one block here).
+_BLOCK_ROWS = [2, None, 3, 1]
+
+
 @pytest.mark.parametrize(("select", "scope", "divergence", "distill_on"), _GRID)
-def test_chunked_equals_naive(select, scope, divergence, distill_on):
+def test_chunked_equals_naive(select, scope, divergence, distill_on, monkeypatch):
+    import uapt.objectives
+
+    default_block = uapt.objectives._BLOCK_ELEMENTS
     for i, (knobs, softcap, t_softcap, bias, separate, chunk) in enumerate(_VARIANTS):
+        rows = _BLOCK_ROWS[i]
+        monkeypatch.setattr(uapt.objectives, "_BLOCK_ELEMENTS", rows * V if rows else default_block)
         obj = dict(knobs, select=select, scope=scope, divergence=divergence, distill_on=distill_on)
         hidden, t_hidden, weight, b, labels, t_head, cap = _setup(
             i, bias, separate, softcap, t_softcap

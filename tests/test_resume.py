@@ -25,8 +25,13 @@ def final_state(runs_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "uapt.train", *args], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "uapt.train", *args],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_for_steps(metrics: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -56,7 +61,10 @@ def test_kill9_then_rerun_equals_uninterrupted(variant, tmp_path):
 
     again = train(*args, f"runs_dir={killed}", check=True)
     assert "resuming from" in again.stdout + again.stderr
-    (want, want_weights), (got, got_weights) = final_state(tmp_path / "straight"), final_state(killed)
+    (want, want_weights), (got, got_weights) = (
+        final_state(tmp_path / "straight"),
+        final_state(killed),
+    )
     assert got["status"] == "completed" and got["resumed_from_step"] >= 2
     assert got["metrics"]["train/loss"] == want["metrics"]["train/loss"]
     assert got["metrics"]["val/loss"] == want["metrics"]["val/loss"]

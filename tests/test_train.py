@@ -9,16 +9,29 @@ from pathlib import Path
 import pytest
 from helpers import TINY, metric_rows, records, train
 
-LOGGED = ["loss", "loss/mle", "loss/distill", "kept_frac", "nll/kept", "lr", "grad_norm",
-          "tokens_per_s", "peak_mem_mb"]
+LOGGED = [
+    "loss",
+    "loss/mle",
+    "loss/distill",
+    "kept_frac",
+    "nll/kept",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "peak_mem_mb",
+]
 
 
-@pytest.mark.parametrize("variant", ["mle", "masked_mle", "self_distill", "masked_mle_distill", "rho1"])
+@pytest.mark.parametrize(
+    "variant", ["mle", "masked_mle", "self_distill", "masked_mle_distill", "rho1"]
+)
 def test_every_variant_trains_three_steps(variant, tmp_path):
     train(*TINY, f"objective={variant}", "trainer.max_steps=3", f"runs_dir={tmp_path}", check=True)
     (record,) = records(tmp_path)
     assert record["status"] == "completed" and record["summary"]["objective"] == variant
-    assert all(math.isfinite(record["metrics"][k]) for k in ("train/loss", "train/loss/mle", "val/loss"))
+    assert all(
+        math.isfinite(record["metrics"][k]) for k in ("train/loss", "train/loss/mle", "val/loss")
+    )
     rows = metric_rows(Path(record["config"]["runs_dir"]) / f"{record['slug']}-{record['id']}")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(k in rows[-1] for k in LOGGED)
@@ -50,9 +63,11 @@ def test_same_command_twice_does_not_train_twice(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("objective.mask_ratio=1.5", "objective.mask_ratio"),
-     ("objective.scope=global", "objective.scope"),
-     ("model.path=./missing-model", "model.path")],
+    [
+        ("objective.mask_ratio=1.5", "objective.mask_ratio"),
+        ("objective.scope=global", "objective.scope"),
+        ("model.path=./missing-model", "model.path"),
+    ],
 )
 def test_bad_config_fails_before_anything_is_written(override, needle, tmp_path):
     proc = train(*TINY, override, f"runs_dir={tmp_path}")
