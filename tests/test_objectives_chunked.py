@@ -105,18 +105,16 @@ def _both(obj, hidden, teacher_hidden, weight, bias, labels, teacher_head, softc
     return naive, naive_grads, chunked, chunked_grads
 
 
-# Rows per elementwise block inside a chunk (None: the module default, one block here).
-_BLOCK_ROWS = [2, None, 3, 1]
+# Elementwise row blocks per chunk (chunk sizes 4, 5, 64, 1 above): 2, 1, 7 and 1 rows a block.
+_BLOCKS = [2, 8, 3, 8]
 
 
 @pytest.mark.parametrize(("select", "scope", "divergence", "distill_on"), _GRID)
 def test_chunked_equals_naive(select, scope, divergence, distill_on, monkeypatch):
     import uapt.objectives
 
-    default_block = uapt.objectives._BLOCK_ELEMENTS
     for i, (knobs, softcap, t_softcap, bias, separate, chunk) in enumerate(_VARIANTS):
-        rows = _BLOCK_ROWS[i]
-        monkeypatch.setattr(uapt.objectives, "_BLOCK_ELEMENTS", rows * V if rows else default_block)
+        monkeypatch.setattr(uapt.objectives, "_BLOCKS_PER_CHUNK", _BLOCKS[i])
         obj = dict(knobs, select=select, scope=scope, divergence=divergence, distill_on=distill_on)
         hidden, t_hidden, weight, b, labels, t_head, cap = _setup(
             i, bias, separate, softcap, t_softcap
