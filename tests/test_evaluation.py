@@ -28,8 +28,12 @@ from uapt.evaluation import (
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CONF = REPO / "conf" / "eval"
-IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
-                  "inst_level_loose_acc")
+IFEVAL_METRICS = (
+    "prompt_level_strict_acc",
+    "inst_level_strict_acc",
+    "prompt_level_loose_acc",
+    "inst_level_loose_acc",
+)
 GSM8K_METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
 
 
@@ -62,21 +66,43 @@ def replay_lm(answer):
 # lm-eval's IFEval checker draws a random letter when a letter_frequency instruction's `letter` is
 # not a-z (two rows of input_data.jsonl ask for '#' and '!'), so those instructions pass or fail by
 # chance. The README's figures are one such draw; the other 538 rows are deterministic.
-README_IFEVAL = {"prompt_level_strict_acc": 0.770, "inst_level_strict_acc": 0.837,
-                 "prompt_level_loose_acc": 0.796, "inst_level_loose_acc": 0.856}
+README_IFEVAL = {
+    "prompt_level_strict_acc": 0.770,
+    "inst_level_strict_acc": 0.837,
+    "prompt_level_loose_acc": 0.796,
+    "inst_level_loose_acc": 0.856,
+}
 
 
 def _random_instructions(doc: dict) -> list[bool]:
-    return [iid == "keywords:letter_frequency" and not (
-        isinstance(kw.get("letter"), str) and len(kw["letter"]) == 1 and kw["letter"].lower() in string.ascii_lowercase)
-        for iid, kw in zip(doc["instruction_id_list"], doc["kwargs"], strict=True)]
+    return [
+        iid == "keywords:letter_frequency"
+        and not (
+            isinstance(kw.get("letter"), str)
+            and len(kw["letter"]) == 1
+            and kw["letter"].lower() in string.ascii_lowercase
+        )
+        for iid, kw in zip(doc["instruction_id_list"], doc["kwargs"], strict=True)
+    ]
 
 
 def test_ifeval_scores_gpt4_responses_like_the_published_figures(shared_data, tmp_path):
     inputs = read_jsonl(shared_data / "ifeval" / "input_data.jsonl")
-    responses = {r["prompt"]: r["response"] for r in read_jsonl(shared_data / "ifeval" / "gpt4_responses.jsonl")}
-    suite = {"name": "gpt4", "apply_chat_template": False, "log_samples": True,
-             "tasks": [{"name": "ifeval", "data_files": {"train": str(shared_data / "ifeval" / "input_data.jsonl")}}]}
+    responses = {
+        r["prompt"]: r["response"]
+        for r in read_jsonl(shared_data / "ifeval" / "gpt4_responses.jsonl")
+    }
+    suite = {
+        "name": "gpt4",
+        "apply_chat_template": False,
+        "log_samples": True,
+        "tasks": [
+            {
+                "name": "ifeval",
+                "data_files": {"train": str(shared_data / "ifeval" / "input_data.jsonl")},
+            }
+        ],
+    }
     result = evaluate_lm(replay_lm(lambda prompt: responses[prompt]), suite, out_dir=tmp_path)
     scores = result["eval"]["ifeval"]
 
@@ -102,7 +128,11 @@ def test_ifeval_scores_gpt4_responses_like_the_published_figures(shared_data, tm
         published_count = round(published * total)
         assert round(published_count / total, 3) == published
         # the published count = our deterministic count + whatever the 2 random draws gave
-        assert fixed <= published_count <= fixed + len(random_rows), (metric, fixed, published_count)
+        assert fixed <= published_count <= fixed + len(random_rows), (
+            metric,
+            fixed,
+            published_count,
+        )
         assert abs(scores[metric] - published) <= len(random_rows) / total + 0.0005
     assert result["eval_meta"]["n_samples"]["ifeval"] == {"original": 540, "effective": 540}
 
@@ -134,7 +164,9 @@ def test_generated_prompts_are_deterministic_and_accepted_by_the_checker():
     rows = ifeval_prompts(40, seed=3)
     assert rows == ifeval_prompts(40, seed=3)
     assert rows != ifeval_prompts(40, seed=4)
-    assert {r["instruction_id_list"][0] for r in rows[: len(INSTRUCTION_IDS)]} == set(INSTRUCTION_IDS)
+    assert {r["instruction_id_list"][0] for r in rows[: len(INSTRUCTION_IDS)]} == set(
+        INSTRUCTION_IDS
+    )
     assert len(INSTRUCTION_IDS) >= 10
     for row in rows:
         assert row["prompt"] and len(row["instruction_id_list"]) == len(row["kwargs"]) >= 1
@@ -143,26 +175,44 @@ def test_generated_prompts_are_deterministic_and_accepted_by_the_checker():
             instruction = registry.INSTRUCTION_DICT[iid](iid)
             state = random.getstate()
             description = instruction.build_description(**kwargs)  # TypeError on a wrong key
-            assert random.getstate() == state, f"{iid}: the checker drew a random value for {kwargs}"
+            assert random.getstate() == state, (
+                f"{iid}: the checker drew a random value for {kwargs}"
+            )
             assert (instruction.get_instruction_args() or {}) == kwargs
             assert description in row["prompt"]
 
 
 HAND_WRITTEN = [  # (instruction ids, kwargs, compliant response, non-compliant response)
-    (["punctuation:no_comma", "detectable_format:title"], [{}, {}],
-     "<<A Quiet Morning>>\nThe tea was warm and the street was still.",
-     "<<A Quiet Morning>>\nThe tea was warm, and the street was still."),
-    (["detectable_format:number_bullet_lists"], [{"num_bullets": 3}],
-     "* water the plants\n* feed the cat\n* open the windows", "* water the plants\n* feed the cat"),
-    (["length_constraints:number_words"], [{"num_words": 10, "relation": "less than"}],
-     "Bees make honey from nectar.", "Bees visit many flowers and carry nectar home where they turn it into honey."),
-    (["keywords:existence", "startend:end_checker"],
-     [{"keywords": ["lantern", "river"]}, {"end_phrase": "Any other questions?"}],
-     "We walked by the river with a lantern. Any other questions?",
-     "We walked by the river with a torch. Any other questions?"),
-    (["change_case:english_lowercase", "detectable_content:postscript"], [{}, {"postscript_marker": "P.S."}],
-     "the garden is blooming and the bees are busy all day long.\np.s. bring a hat.",
-     "The garden is blooming and the bees are busy all day long.\nP.S. bring a hat."),
+    (
+        ["punctuation:no_comma", "detectable_format:title"],
+        [{}, {}],
+        "<<A Quiet Morning>>\nThe tea was warm and the street was still.",
+        "<<A Quiet Morning>>\nThe tea was warm, and the street was still.",
+    ),
+    (
+        ["detectable_format:number_bullet_lists"],
+        [{"num_bullets": 3}],
+        "* water the plants\n* feed the cat\n* open the windows",
+        "* water the plants\n* feed the cat",
+    ),
+    (
+        ["length_constraints:number_words"],
+        [{"num_words": 10, "relation": "less than"}],
+        "Bees make honey from nectar.",
+        "Bees visit many flowers and carry nectar home where they turn it into honey.",
+    ),
+    (
+        ["keywords:existence", "startend:end_checker"],
+        [{"keywords": ["lantern", "river"]}, {"end_phrase": "Any other questions?"}],
+        "We walked by the river with a lantern. Any other questions?",
+        "We walked by the river with a torch. Any other questions?",
+    ),
+    (
+        ["change_case:english_lowercase", "detectable_content:postscript"],
+        [{}, {"postscript_marker": "P.S."}],
+        "the garden is blooming and the bees are busy all day long.\np.s. bring a hat.",
+        "The garden is blooming and the bees are busy all day long.\nP.S. bring a hat.",
+    ),
 ]
 
 
@@ -191,9 +241,17 @@ def test_generated_dataset_rows_score_like_the_plain_rows():
 
 # ----------------------------------------------------------------------------- GSM8K and arith scoring
 def _gsm8k_suite(shared_data: Path, **task) -> dict:
-    files = {"train": str(shared_data / "gsm8k" / "train.jsonl"), "test": str(shared_data / "gsm8k" / "test.jsonl")}
-    return {"name": "gsm8k_local", "batch_size": 2, "apply_chat_template": False, "log_samples": True,
-            "tasks": [{"name": "gsm8k", "data_files": files, **task}]}
+    files = {
+        "train": str(shared_data / "gsm8k" / "train.jsonl"),
+        "test": str(shared_data / "gsm8k" / "test.jsonl"),
+    }
+    return {
+        "name": "gsm8k_local",
+        "batch_size": 2,
+        "apply_chat_template": False,
+        "log_samples": True,
+        "tasks": [{"name": "gsm8k", "data_files": files, **task}],
+    }
 
 
 def test_real_gsm8k_config_scores_strict_and_flexible_matches(shared_data, tmp_path):
@@ -202,11 +260,19 @@ def test_real_gsm8k_config_scores_strict_and_flexible_matches(shared_data, tmp_p
     # by hand: row 0 in GSM8K's format (strict and flexible), row 1 a bare number (flexible only),
     # row 2 wrong, row 3 "####" with a wrong number but the right one earlier (neither: flexible
     # takes the last number)
-    replies = [f"Some steps.\n#### {finals[0]}", f"The answer is {finals[1]}.", "#### 123456789",
-               f"First {finals[3]}, then\n#### 987654321"]
+    replies = [
+        f"Some steps.\n#### {finals[0]}",
+        f"The answer is {finals[1]}.",
+        "#### 123456789",
+        f"First {finals[3]}, then\n#### 987654321",
+    ]
 
     def answer(prompt: str) -> str:
-        return next(reply for row, reply in zip(rows, replies, strict=True) if row["question"] in prompt.split("Question:")[-1])
+        return next(
+            reply
+            for row, reply in zip(rows, replies, strict=True)
+            if row["question"] in prompt.split("Question:")[-1]
+        )
 
     suite = _gsm8k_suite(shared_data, limit=4, num_fewshot=2)
     result = evaluate_lm(replay_lm(answer), suite, out_dir=tmp_path)
@@ -217,7 +283,9 @@ def test_real_gsm8k_config_scores_strict_and_flexible_matches(shared_data, tmp_p
     samples = read_jsonl(tmp_path / "eval_samples" / "gsm8k.jsonl")
     prompt, gen_kwargs = samples[0]["arguments"][0]
     # lm-eval's own gsm8k config: its prompt, 2 train shots, its stop words
-    assert prompt.count("Question:") == 3 and prompt.endswith(f"Question: {rows[0]['question']}\nAnswer:")
+    assert prompt.count("Question:") == 3 and prompt.endswith(
+        f"Question: {rows[0]['question']}\nAnswer:"
+    )
     assert "Question:" in gen_kwargs["until"]
 
 
@@ -230,7 +298,10 @@ def test_real_gsm8k_task_runs_on_the_tiny_model(tiny_model, tiny_tokenizer, shar
     assert result["eval_meta"]["n_samples"]["gsm8k"] == {"original": 1319, "effective": 3}
     assert result["eval_meta"]["lm_eval_version"] == "0.4.13"
     samples = read_jsonl(tmp_path / "eval_samples" / "gsm8k.jsonl")
-    assert samples[0]["doc"]["question"] == read_jsonl(shared_data / "gsm8k" / "test.jsonl")[0]["question"]
+    assert (
+        samples[0]["doc"]["question"]
+        == read_jsonl(shared_data / "gsm8k" / "test.jsonl")[0]["question"]
+    )
     assert samples[0]["arguments"][0][1]["max_gen_toks"] == 12
 
 
@@ -243,7 +314,13 @@ def test_arith_is_scored_like_gsm8k():
     def answer(prompt: str) -> str:  # rows 0-2 right in GSM8K format, 3 right number only, 4 wrong
         i = next(k for k, r in enumerate(rows) if r["question"] in prompt)
         final = rows[i]["answer"].split("#### ")[-1]
-        return [rows[i]["answer"], rows[i]["answer"], rows[i]["answer"], f"It is {final}", "#### -1"][i]
+        return [
+            rows[i]["answer"],
+            rows[i]["answer"],
+            rows[i]["answer"],
+            f"It is {final}",
+            "#### -1",
+        ][i]
 
     suite = {"name": "t", "apply_chat_template": False, "tasks": [{"name": "arith", "size": 5}]}
     result = evaluate_lm(replay_lm(answer), suite)
@@ -253,7 +330,9 @@ def test_arith_is_scored_like_gsm8k():
 
 
 # ----------------------------------------------------------------------------- the embedded suite
-def test_embedded_suite_on_the_tiny_model_writes_id_and_ood_results(tiny_model, tiny_tokenizer, tmp_path):
+def test_embedded_suite_on_the_tiny_model_writes_id_and_ood_results(
+    tiny_model, tiny_tokenizer, tmp_path
+):
     suite = load_suite("embedded")
     suite.update(limit=3, log_samples=True, batch_size=3)
     for task in suite["tasks"]:
@@ -283,39 +362,68 @@ def test_every_suite_config_validates():
             continue
         validate_suite(load_suite(path.stem))
     paper = {t.name: t for t in suite_tasks(load_suite("paper"))}
-    assert {"ifeval", "gsm8k", "arc_easy", "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2",
-            "winogrande"} <= set(paper)
+    assert {
+        "ifeval",
+        "gsm8k",
+        "arc_easy",
+        "arc_challenge",
+        "hellaswag",
+        "mmlu",
+        "truthfulqa_mc2",
+        "winogrande",
+    } <= set(paper)
     assert paper["gsm8k"].num_fewshot == 5 and paper["gsm8k"].apply_chat_template
     assert not paper["mmlu"].apply_chat_template
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"bogus": 1}, "eval.bogus is not a known option"),
-    ({"batch_size": 0}, "eval.batch_size=0"),
-    ({"tasks": [{"name": "gsm8k", "limit": -1}]}, "eval.tasks[0].limit=-1"),
-    ({"tasks": [{"name": "gsm8k", "data_files": {"test": "/nope/test.jsonl"}}]}, "eval.tasks[0].data_files.test"),
-    ({"tasks": [{"name": "gsm8k", "size": 5}]}, "eval.tasks[0].size"),
-    ({"tasks": ["arith", "arith"]}, "appears twice"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bogus": 1}, "eval.bogus is not a known option"),
+        ({"batch_size": 0}, "eval.batch_size=0"),
+        ({"tasks": [{"name": "gsm8k", "limit": -1}]}, "eval.tasks[0].limit=-1"),
+        (
+            {"tasks": [{"name": "gsm8k", "data_files": {"test": "/nope/test.jsonl"}}]},
+            "eval.tasks[0].data_files.test",
+        ),
+        ({"tasks": [{"name": "gsm8k", "size": 5}]}, "eval.tasks[0].size"),
+        ({"tasks": ["arith", "arith"]}, "appears twice"),
+    ],
+)
 def test_bad_suite_config_names_the_key(change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate_suite({"name": "x", "tasks": [], **change})
 
 
 def test_suite_limit_caps_task_limits():
-    specs = suite_tasks({"name": "x", "limit": 5, "tasks": [{"name": "arith", "limit": 50}, "ifeval_embedded"]})
+    specs = suite_tasks(
+        {"name": "x", "limit": 5, "tasks": [{"name": "arith", "limit": 50}, "ifeval_embedded"]}
+    )
     assert [s.limit for s in specs] == [5, 5]
 
 
 # ----------------------------------------------------------------------------- results and base scores
 def test_flatten_results_drops_only_the_none_filter():
-    raw = {"results": {
-        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1},
-        "arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.05, "acc_norm,none": 0.6, "acc_norm_stderr,none": "N/A"},
-        "mmlu_anatomy": {"acc,none": 0.3}}}
+    raw = {
+        "results": {
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": 0.25,
+                "exact_match_stderr,strict-match": 0.1,
+            },
+            "arc_easy": {
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.05,
+                "acc_norm,none": 0.6,
+                "acc_norm_stderr,none": "N/A",
+            },
+            "mmlu_anatomy": {"acc,none": 0.3},
+        }
+    }
     assert flatten_results(raw, {"gsm8k", "arc_easy"}) == {
         "gsm8k": {"exact_match,strict-match": 0.25, "exact_match,strict-match_stderr": 0.1},
-        "arc_easy": {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.6, "acc_norm_stderr": None}}
+        "arc_easy": {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.6, "acc_norm_stderr": None},
+    }
 
 
 def test_score_delta():
@@ -334,7 +442,10 @@ def test_base_scores_are_cached_per_model_and_suite(tmp_path):
     model = {"name": "tiny", "path": "some/model"}
     suite = {"name": "embedded", "batch_size": 4, "tasks": ["arith"]}
     first = base_scores(model, suite, tmp_path, evaluate)
-    assert base_scores(model, {**suite, "batch_size": 32, "log_samples": True}, tmp_path, evaluate) == first
+    assert (
+        base_scores(model, {**suite, "batch_size": 32, "log_samples": True}, tmp_path, evaluate)
+        == first
+    )
     assert len(calls) == 1
     base_scores(model, {**suite, "limit": 3}, tmp_path, evaluate)  # another suite: evaluated again
     base_scores({**model, "path": "other/model"}, suite, tmp_path, evaluate)
@@ -358,15 +469,21 @@ def test_log_to_wandb_writes_summary_and_table():
         def log(self, data):
             self.logged.append(data)
 
-    results = {"eval": {"gsm8k": {"exact_match,strict-match": 0.5, "exact_match,strict-match_stderr": 0.1}},
-               "eval_base": {"gsm8k": {"exact_match,strict-match": 0.25}},
-               "eval_delta": {"gsm8k": {"exact_match,strict-match": 0.25}}}
+    results = {
+        "eval": {
+            "gsm8k": {"exact_match,strict-match": 0.5, "exact_match,strict-match_stderr": 0.1}
+        },
+        "eval_base": {"gsm8k": {"exact_match,strict-match": 0.25}},
+        "eval_delta": {"gsm8k": {"exact_match,strict-match": 0.25}},
+    }
     run = FakeRun()
     log_to_wandb(run, results)
-    assert run.summary == {"eval/gsm8k/exact_match,strict-match": 0.5,
-                           "eval/gsm8k/exact_match,strict-match_stderr": 0.1,
-                           "eval_base/gsm8k/exact_match,strict-match": 0.25,
-                           "eval_delta/gsm8k/exact_match,strict-match": 0.25}
+    assert run.summary == {
+        "eval/gsm8k/exact_match,strict-match": 0.5,
+        "eval/gsm8k/exact_match,strict-match_stderr": 0.1,
+        "eval_base/gsm8k/exact_match,strict-match": 0.25,
+        "eval_delta/gsm8k/exact_match,strict-match": 0.25,
+    }
     table = run.logged[0]["eval/results"]
     assert isinstance(table, wandb.Table)
     assert table.data == [["gsm8k", "exact_match,strict-match", 0.5, 0.1, 0.25, 0.25]]
@@ -383,19 +500,27 @@ def test_checkpoint_weights_load_for_evaluation(tiny_model, tiny_tokenizer, cach
     optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     folder = tmp_path / "run" / "checkpoints"
-    checkpoint.save(folder, tiny_model, optimizer, scheduler, checkpoint.TrainingState(3, {}, None), keep=5)
+    checkpoint.save(
+        folder, tiny_model, optimizer, scheduler, checkpoint.TrainingState(3, {}, None), keep=5
+    )
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.add_(0.5)
-    checkpoint.save(folder, tiny_model, optimizer, scheduler, checkpoint.TrainingState(12, {}, None), keep=5)
+    checkpoint.save(
+        folder, tiny_model, optimizer, scheduler, checkpoint.TrainingState(12, {}, None), keep=5
+    )
     model, _ = load_for_eval(model_cfg, cache_dir, torch.device("cpu"), checkpoint=tmp_path / "run")
-    for (name, a), b in zip(model.state_dict().items(), tiny_model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        model.state_dict().items(), tiny_model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name  # step 12 (the newest), not step 3
 
     hf_folder = tmp_path / "hf"
     tiny_model.save_pretrained(hf_folder)
     tiny_tokenizer.save_pretrained(hf_folder)
-    model, tokenizer = load_for_eval(model_cfg, cache_dir, torch.device("cpu"), checkpoint=hf_folder)
+    model, tokenizer = load_for_eval(
+        model_cfg, cache_dir, torch.device("cpu"), checkpoint=hf_folder
+    )
     assert torch.equal(model.lm_head.weight, tiny_model.lm_head.weight)
     assert tokenizer.chat_template == tiny_tokenizer.chat_template
 
@@ -405,8 +530,13 @@ def test_evaluate_cli_prints_and_writes_json(cache_dir, tmp_path, capsys):
     suite.update(limit=2, batch_size=2)
     for task in suite["tasks"]:
         task["max_gen_toks"] = 4
-    cfg = {"model": OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")),
-           "eval": suite, "cache_dir": str(cache_dir), "trainer": {"device": "cpu"}, "seed": 0}
+    cfg = {
+        "model": OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")),
+        "eval": suite,
+        "cache_dir": str(cache_dir),
+        "trainer": {"device": "cpu"},
+        "seed": 0,
+    }
     assert evaluate_cli(cfg, output=str(tmp_path / "out.json")) == 0
     written = json.loads((tmp_path / "out.json").read_text())
     assert set(written["eval"]) == {"arith", "ifeval_embedded"}

@@ -20,6 +20,7 @@ from uapt import launch
 from uapt.launch import Slot, plan_slots, run_pool
 
 CONF = REPO / "conf"
+GPUS4 = ["0", "1", "2", "3"]
 
 
 def compose(*overrides: str):
@@ -40,8 +41,8 @@ def compose(*overrides: str):
         (8, [], 3, None, None, [(2, ()), (2, ()), (2, ())]),  # 8 // 3 = 2 threads
         (8, [], 2, None, 1, [(1, ()), (1, ())]),  # threads given
         # GPUs: one job per GPU by default, each its own device
-        (32, ["0", "1", "2", "3"], None, None, None, [(8, ("0",)), (8, ("1",)), (8, ("2",)), (8, ("3",))]),
-        (32, ["0", "1", "2", "3"], None, 2, None, [(16, ("0", "1")), (16, ("2", "3"))]),
+        (32, GPUS4, None, None, None, [(8, ("0",)), (8, ("1",)), (8, ("2",)), (8, ("3",))]),
+        (32, GPUS4, None, 2, None, [(16, ("0", "1")), (16, ("2", "3"))]),
         (8, ["3", "GPU-ab"], 1, None, None, [(8, ("3",))]),  # tokens kept as the user listed them
         (8, ["0", "1"], 4, 0, None, [(2, ())] * 4),  # gpus_per_job=0: CPU jobs on a GPU box
     ],
@@ -154,7 +155,7 @@ def test_local_parallel_launcher_is_registered_with_hydra():
     registered = Plugins.instance().class_name_to_class.get(name)
     assert registered is not None, (
         f"{name} not found: Hydra only instantiates launchers under hydra_plugins; "
-        "src/hydra_plugins/uapt_launcher/__init__.py must subclass uapt.launch.LocalParallelLauncher"
+        "src/hydra_plugins/uapt_launcher/__init__.py must subclass it from uapt.launch"
     )
     assert issubclass(registered, launch.LocalParallelLauncher)
 

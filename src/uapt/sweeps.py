@@ -65,6 +65,6 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = outcomes_dir(config.hydra.sweep.dir)
         outcomes = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-        summary = summarize(outcomes)
-        (log.error if any(o["status"] == "failed" for o in outcomes) else log.info)(summary)
-        print(summary, flush=True)
+        print(summarize(outcomes), flush=True)
+        if any(o["status"] == "failed" for o in outcomes):
+            raise SystemExit(1)  # scripts and CI see that the sweep is not whole

@@ -1,0 +1,58 @@
+"""Sweeps: a killed sweep re-run finishes only what is missing; one failure never stops the rest."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import REPO, TINY, env, records, train
+
+GRID = [*TINY, "trainer.max_steps=2", "experiment=grid", "objective=mle,masked_mle", "seed=0,1"]
+
+
+def test_killed_sweep_reruns_only_what_is_missing(tmp_path):
+    args = ["-m", *GRID, f"runs_dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uapt.train", *args],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while len(list(tmp_path.glob("tiny-*/run.json"))) < 3 and proc.poll() is None:
+        assert time.time() < deadline, "the third run never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during the third run
+    proc.wait()
+    before = {r["id"]: r for r in records(tmp_path)}
+    done = {i for i, r in before.items() if r["status"] == "completed"}
+    assert len(done) == 2 and len(before) == 3
+
+    again = train(*args, check=True)
+    assert "sweep: 2 completed, 2 skipped, 0 failed" in again.stdout
+    after = {r["id"]: r for r in records(tmp_path)}
+    assert len(after) == 4 and all(r["status"] == "completed" for r in after.values())
+    for run_id in done:  # not retrained
+        assert after[run_id]["started_at"] == before[run_id]["started_at"]
+        assert after[run_id]["attempts"] == 1
+
+
+def test_one_failing_point_does_not_stop_the_sweep(tmp_path):
+    proc = train(
+        "-m",
+        *TINY,
+        "trainer.max_steps=2",
+        "experiment=bad",
+        f"runs_dir={tmp_path}",
+        "objective=masked_mle",
+        "objective.mask_ratio=1.5,0.5",
+    )
+    assert proc.returncode == 1  # the sweep as a whole is not complete
+    (record,) = records(tmp_path)
+    assert record["status"] == "completed" and record["summary"]["mask_ratio"] == 0.5
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("sweep:")]
+    assert summary and summary[0].startswith("sweep: 1 completed, 0 skipped, 1 failed")
+    assert "objective.mask_ratio=1.5" in summary[0]
