@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from uapt import checkpoint, distributed, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
+from uapt.launch import preempt_signal
 from uapt.models import frozen_teacher, load_model, load_tokenizer
 from uapt.objectives import TokenLoss, kept_overlap, needs_teacher, token_loss
 from uapt.sweeps import in_multirun, record_outcome
@@ -278,11 +279,14 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """The first SIGINT / SIGTERM / SIGUSR1 asks the loop to checkpoint at the next step boundary
+    """The first SIGINT / SIGTERM / SIGUSR1 / SIGUSR2 asks the loop to checkpoint at the next step boundary
     and stop; a second one stops at once. A handler that was installed before (submitit's requeue
     on SLURM's pre-timeout signal) is called after the checkpoint is written."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    # submitit announces a SLURM time limit with USR2 (launch.preempt_signal); USR1 by hand.
+    SIGNALS = tuple(
+        dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, preempt_signal()))
+    )
 
     def __enter__(self) -> StopSignals:
         self.received: int | None = None
@@ -493,7 +497,7 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     nproc = cfg["trainer"]["nproc"]
     if nproc > 1 and not distributed.under_torchrun():
         log.info("launching %d processes with torchrun", nproc)
-        code = distributed.relaunch_with_torchrun(nproc, hydra_overrides())
+        code = distributed.relaunch_with_torchrun(nproc, [*hydra_overrides(), "hydra.mode=RUN"])
         status = (records.read_record(folder) or {}).get("status", "failed")
         if code:
             raise RuntimeError(f"torchrun exited with {code}; see {folder / 'train.log'}")
