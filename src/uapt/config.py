@@ -7,6 +7,7 @@ Unknown keys are errors too: an option that is silently ignored is worse than no
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,11 @@ MODEL: dict[str, tuple[Check, str]] = {
     "name": TEXT,
     "path": optional(TEXT),
     "tokenizer": optional(TEXT),
+    "source": one_of("auto", "hub", "embedded"),
     "arch": one_of("llama", "gemma2", "phi3"),
     "config": ((lambda v: v is None or isinstance(v, Mapping)), "a mapping of architecture keys"),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
-    "attn_implementation": one_of("eager", "sdpa"),
+    "attn_implementation": one_of("eager", "sdpa", "auto"),
     "chat_template": optional(TEXT),
     "trust_remote_code": BOOL,
     "lora": ANY,  # validated by uapt.models when set
@@ -153,15 +155,15 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(str(e)) from None
     _check_model_path(cfg["model"])
     _check_batch(cfg["trainer"])
+    _validate_room("uapt.models", "validate_model", cfg["model"])
     _validate_room("uapt.data", "validate_dataset", cfg["dataset"])
     _validate_room("uapt.evaluation", "validate_suite", cfg["eval"])
 
 
 def _validate_room(module: str, function: str, node: Mapping[str, Any]) -> None:
-    import importlib
-
+    """Each room validates its own section (uapt.data knows dataset keys, and so on)."""
     try:
-        importlib.import_module(module).__getattribute__(function)(node)
+        getattr(importlib.import_module(module), function)(node)
     except ConfigError:
         raise
     except ValueError as e:

@@ -1,23 +1,30 @@
 """Model and tokenizer: a hub id, a local folder, or a random-init architecture for tests.
 
-The teacher of self-distillation is a frozen copy of the initial weights, built only when the
-objective needs it (with LoRA it is the same model with its adapters disabled: no second copy).
+The student is a transformers causal LM, optionally wrapped with peft LoRA adapters
+(`model.lora.enabled`). The teacher of self-distillation is the initial model, built only when
+the objective needs it (`make_teacher`): a frozen copy of the weights for full fine-tuning, or the
+student itself with its adapters disabled under LoRA (no second copy of the weights).
+See docs/models.md.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from uapt.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,18 @@ TINY_VOCAB = 512
 TINY_RECIPE = "bytelevel-bpe-v1"  # bump when the tiny tokenizer's training changes
 
 ARCHITECTURES = {"llama": "llama", "gemma2": "gemma2", "phi3": "phi3"}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "auto")  # auto: transformers' choice (sdpa if supported)
+LORA_DEFAULTS: dict[str, Any] = {
+    "enabled": False,
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": "all-linear",
+}
+FINGERPRINT_IGNORES = ("name", "lora")  # a fresh LoRA adapter is the identity: same initial model
 
 
+# ----------------------------------------------------------------------------- tokenizer
 def _tiny_corpus() -> list[str]:
     """Text the tiny tokenizer learns its merges from: the synthetic task plus chat scaffolding."""
     from uapt.arith import arith_rows
@@ -81,11 +98,12 @@ def _train_tiny_tokenizer(folder: Path) -> None:
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> PreTrainedTokenizerBase:
+    """`model.tokenizer` (or `model.path`); `tiny`/none = uapt's tiny BPE; ChatML if no template."""
     source = model_cfg.get("tokenizer") or model_cfg.get("path")
     if source in (None, "tiny"):
         tok = tiny_tokenizer(cache_dir)
     else:
-        source = resolve_source(str(source), cache_dir)
+        source = resolve_source(str(source), cache_dir, model_cfg.get("source", "auto"))
         tok = AutoTokenizer.from_pretrained(
             source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
         )
@@ -99,55 +117,220 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> PreTr
     return tok
 
 
-def resolve_source(path: str, cache_dir: str | Path) -> str:
-    """A hub id or local folder; hub ids with an offline fallback (SmolLM2) resolve to it offline."""
+def resolve_source(path: str, cache_dir: str | Path, source: str = "auto") -> str:
+    """A local folder, or a hub id; SmolLM2's id resolves to its embedded copy when offline
+    (`model.source`: auto | hub | embedded, see docs/embedded_model.md)."""
     if Path(path).expanduser().exists():
         return str(Path(path).expanduser())
-    try:
-        from uapt.smollm2 import resolve_model_source
-    except ImportError:  # the embedded fallback is optional for other hub ids
-        return path
-    return resolve_model_source(path, cache_dir)
+    from uapt.smollm2 import resolve_model_source
+
+    return resolve_model_source(path, cache_dir, source)
 
 
+# ----------------------------------------------------------------------------- settings
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = bf16 on a GPU that has it (else fp32: fp16 weights need a loss scaler), fp32 on CPU."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"model.dtype={name!r} is not one of: auto, {', '.join(dtypes)}")
+    return dtypes[name]
 
 
+def attn_implementation(model_cfg: Mapping[str, Any]) -> str | None:
+    """What to pass to transformers: eager | sdpa, or None for `auto` (transformers' default)."""
+    attn = model_cfg.get("attn_implementation") or "sdpa"
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation={attn!r} is not one of: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    return None if attn == "auto" else attn
+
+
+def lora_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The validated `model.lora` node (defaults filled in), or None when LoRA is off.
+
+    Raises ConfigError (a ValueError) naming `model.lora.<key>` for an unknown key or bad value.
+    """
+    node = model_cfg.get("lora")
+    if node is None:
+        return None
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"model.lora={node!r} is not a mapping of LoRA options")
+    for key in node:
+        if key not in LORA_DEFAULTS:
+            raise ConfigError(
+                f"model.lora.{key} is not a known option; known: {', '.join(LORA_DEFAULTS)}"
+            )
+    lora = {**LORA_DEFAULTS, **node}
+    checks = {
+        "enabled": (isinstance(lora["enabled"], bool), "true or false"),
+        "r": (_is_int(lora["r"]) and lora["r"] >= 1, "an integer >= 1"),
+        "alpha": (_is_number(lora["alpha"]) and lora["alpha"] > 0, "a number > 0"),
+        "dropout": (_is_number(lora["dropout"]) and 0 <= lora["dropout"] < 1, "a number in [0, 1)"),
+        "target_modules": (
+            _targets_ok(lora["target_modules"]),
+            "'all-linear' or a non-empty list of module names",
+        ),
+    }
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            raise ConfigError(f"model.lora.{key}={lora[key]!r} is not {allowed}")
+    if not isinstance(lora["target_modules"], str):
+        lora["target_modules"] = list(lora["target_modules"])
+    return lora if lora["enabled"] else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _targets_ok(v: Any) -> bool:
+    if isinstance(v, str):
+        return v == "all-linear"
+    return (
+        isinstance(v, list | tuple)
+        and len(v) > 0
+        and all(isinstance(name, str) and name for name in v)
+    )
+
+
+def validate_model(model_cfg: Mapping[str, Any]) -> None:
+    """Checks the generic schema cannot make: LoRA options, attention of random-init Gemma-2."""
+    lora_settings(model_cfg)
+    attn = attn_implementation(model_cfg)
+    if not model_cfg.get("path") and model_cfg.get("arch") == "gemma2" and attn == "sdpa":
+        raise ConfigError(_no_sdpa_message("Gemma2ForCausalLM"))
+
+
+def _no_sdpa_message(cls_name: str) -> str:
+    return (
+        f"model.attn_implementation='sdpa': {cls_name} has no SDPA attention in transformers "
+        "(Gemma-2's attention-logit softcapping needs eager); set model.attn_implementation=eager"
+    )
+
+
+# ----------------------------------------------------------------------------- the student
 def load_model(
-    model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, cache_dir: str | Path,
+    model_cfg: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str | Path,
     device: torch.device,
 ) -> torch.nn.Module:
-    """The student: pretrained weights from `model.path`, else `model.arch` with random init."""
-    dtype = torch_dtype(model_cfg.get("dtype", "auto"), device)
-    attn = model_cfg.get("attn_implementation") or "sdpa"
-    remote = bool(model_cfg.get("trust_remote_code", False))
+    """The student: pretrained weights from `model.path`, else `model.arch` with random init;
+    wrapped with LoRA adapters (a peft PeftModel, only adapters trainable) when enabled."""
+    lora = lora_settings(model_cfg)  # fail on bad options before loading gigabytes
+    kwargs = {
+        "dtype": torch_dtype(model_cfg.get("dtype", "auto"), device),
+        "attn_implementation": attn_implementation(model_cfg),
+    }
     if model_cfg.get("path"):
-        source = resolve_source(str(model_cfg["path"]), cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn, trust_remote_code=remote
-        )
+        source = resolve_source(str(model_cfg["path"]), cache_dir, model_cfg.get("source", "auto"))
+        remote = bool(model_cfg.get("trust_remote_code", False))
+        model = _from_pretrained(source, kwargs, remote, cache_dir)
     else:
-        model = AutoModelForCausalLM.from_config(
-            random_init_config(model_cfg, tokenizer), dtype=dtype, attn_implementation=attn
+        config = random_init_config(model_cfg, tokenizer)
+        model = _checked_attn(lambda: AutoModelForCausalLM.from_config(config, **kwargs))
+    model = model.to(device)
+    return apply_lora(model, lora) if lora else model
+
+
+def _checked_attn(build):
+    """Run a model constructor; an attention backend the class lacks becomes a ConfigError."""
+    try:
+        return build()
+    except ValueError as e:
+        if "does not support an attention implementation" in str(e):
+            name = str(e).split(" does not support")[0].split()[-1]
+            raise ConfigError(_no_sdpa_message(name)) from None
+        raise
+
+
+def _from_pretrained(
+    source: str, kwargs: Mapping[str, Any], remote: bool, cache_dir: str | Path
+) -> torch.nn.Module:
+    """A model folder or hub id; a peft adapter folder is merged into its base model."""
+    folder = Path(source)
+    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        return _merged_adapter(folder, kwargs, remote, cache_dir)
+    return _checked_attn(
+        lambda: AutoModelForCausalLM.from_pretrained(source, trust_remote_code=remote, **kwargs)
+    )
+
+
+def _merged_adapter(
+    folder: Path, kwargs: Mapping[str, Any], remote: bool, cache_dir: str | Path
+) -> torch.nn.Module:
+    """A saved LoRA run (`<run>/model` holds only adapters): base + adapters, merged."""
+    from peft import PeftConfig, PeftModel
+
+    base_id = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    if not base_id:
+        raise ConfigError(
+            f"model.path={str(folder)!r} is a LoRA adapter folder that names no base model "
+            "(a random-init base); load it with uapt-eval checkpoint=<folder> and its model config"
         )
-    return model.to(device)
+    base = _from_pretrained(resolve_source(base_id, cache_dir), kwargs, remote, cache_dir)
+    log.info("model.path %s: LoRA adapters on %s, merged into the weights", folder, base_id)
+    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+
+
+def apply_lora(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:
+    """Wrap with peft LoRA; peft freezes everything but the adapters (all-linear skips lm_head)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["target_modules"]
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise ConfigError(f"model.lora.target_modules={targets!r}: {e}") from None
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    log.info("LoRA r=%d: %d of %d parameters trainable", lora["r"], trainable, total)
+    return peft_model
 
 
 def random_init_config(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase):
+    """The transformers config of `model.arch` with `model.config` overrides (vocab from the
+    tokenizer unless overridden)."""
     arch = model_cfg.get("arch", "llama")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is not one of: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"model.arch={arch!r} is not one of: {', '.join(ARCHITECTURES)}")
     overrides = dict(model_cfg.get("config") or {})
     overrides.setdefault("vocab_size", len(tokenizer))
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     overrides.setdefault("bos_token_id", tokenizer.bos_token_id)
-    return AutoConfig.for_model(ARCHITECTURES[arch], **overrides)
+    try:
+        return AutoConfig.for_model(ARCHITECTURES[arch], **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.config for arch {arch!r}: {e}") from None
 
 
+def is_peft(model: Any) -> bool:
+    """True for a peft-wrapped model (imports peft only when the model could be one)."""
+    if not type(model).__module__.startswith("peft"):
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+# ----------------------------------------------------------------------------- the teacher
 def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of the initial weights (call before the first optimizer step)."""
     teacher = copy.deepcopy(model)
@@ -155,7 +338,123 @@ def frozen_teacher(model: torch.nn.Module) -> torch.nn.Module:
     return teacher.eval()
 
 
+class AdaptersOff(torch.nn.Module):
+    """The LoRA student with its adapters disabled: the initial model, without a copy of it.
+
+    The student is held as a plain attribute, not a submodule, so this module has no parameters,
+    buffers or state_dict of its own, and `.eval()` / `.train()` / `.to()` on it leave the student
+    alone. Every call runs under no_grad in eval mode (dropout off) and restores the student's
+    mode and adapters afterwards.
+    """
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "student", student)  # bypass Module.__setattr__: no submodule
+
+    @property
+    def config(self) -> Any:
+        return self.student.config
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The transformers model (with LoRA layers inside; output_head reads its lm_head)."""
+        return self.student.get_base_model()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.get_base_model().get_output_embeddings()
+
+    @contextmanager
+    def active(self) -> Iterator[torch.nn.Module]:
+        """The student, in eval mode with adapters disabled and gradients off, for the block."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad(), self.student.disable_adapter():
+                yield self.student
+        finally:
+            self.student.train(was_training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("use_cache", False)
+        with self.active() as base:
+            return base(*args, **kwargs)
+
+
+def make_teacher(model: torch.nn.Module, model_cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The frozen initial model for distillation / excess-loss selection.
+
+    Full fine-tuning: a frozen deep copy (call before the first optimizer step). LoRA: the
+    student with its adapters disabled (`AdaptersOff`), which stays the initial model however
+    the adapters train, and costs no memory.
+    """
+    student = model.module if isinstance(model, _DDP) else model
+    lora = lora_settings(model_cfg)
+    if lora and not is_peft(student):
+        raise ValueError("make_teacher: model.lora.enabled is true but the model has no adapters")
+    return AdaptersOff(student) if is_peft(student) else frozen_teacher(student)
+
+
+# ----------------------------------------------------------------------------- hidden states
+_DDP = torch.nn.parallel.DistributedDataParallel
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM under DDP, the teacher view and peft's wrappers."""
+    while True:
+        if isinstance(model, _DDP):
+            model = model.module
+        elif isinstance(model, AdaptersOff):
+            model = model.student
+        elif is_peft(model):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the final (normed) hidden states: LlamaModel, Gemma2Model..."""
+    lm = causal_lm(model)
+    found = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if found is None or found is lm:
+        found = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    if not isinstance(found, torch.nn.Module) or found is lm:
+        raise ValueError(f"hidden_states: no decoder module found in {type(lm).__name__}")
+    return found
+
+
+def hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final (normed) hidden states [B, T, H]: the input of the output layer, no logits computed.
+
+    The model's own forward runs (so DDP's gradient hooks, peft's adapters and the teacher
+    view's no_grad / adapters-off all apply) with `logits_to_keep` set to no position, and the
+    decoder's output is taken with a forward hook.
+    """
+    lm = causal_lm(model)
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        captured.append(
+            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        )
+
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    handle = decoder(lm).register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"hidden_states: the decoder ran {len(captured)} times in one forward")
+    return captured[0]
+
+
+# ----------------------------------------------------------------------------- identity
 def model_fingerprint(model_cfg: Mapping[str, Any]) -> str:
-    """Identity of the *initial* model, for caching its base scores."""
-    blob = json.dumps(dict(model_cfg), sort_keys=True, default=str)
+    """Identity of the *initial* model, for caching its base scores (the name and a fresh LoRA
+    adapter, which starts as the identity, do not change it)."""
+    node = {k: v for k, v in dict(model_cfg).items() if k not in FINGERPRINT_IGNORES}
+    blob = json.dumps(node, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -34,7 +34,7 @@ from uapt import checkpoint, distributed, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
-from uapt.models import frozen_teacher, load_model, load_tokenizer
+from uapt.models import load_model, load_tokenizer, make_teacher
 from uapt.objectives import TokenLoss, kept_overlap, needs_teacher, token_loss
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
@@ -115,7 +115,11 @@ def forward_loss(
     objective: Mapping[str, Any],
     generator: torch.Generator | None,
 ) -> TokenLoss:
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "use_cache": False,
+    }  # transformers 5 builds a KV cache unless told not to
     logits = model(**inputs).logits
     teacher_logits = None
     if teacher is not None:
@@ -346,7 +350,7 @@ def train(
     torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
     model.train()
-    teacher = frozen_teacher(model) if needs_teacher(cfg["objective"]) else None
+    teacher = make_teacher(model, cfg["model"]) if needs_teacher(cfg["objective"]) else None
     runner = model
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None
