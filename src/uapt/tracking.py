@@ -70,6 +70,12 @@ class Tracker:
     def summary(self, values: Mapping[str, Any]) -> None:
         self._wandb(lambda run: run.summary.update(dict(values)))
 
+    def log_eval(self, results: Mapping[str, Any]) -> None:
+        """Eval scores as summary metrics eval/<task>/<metric> (and base, delta) and a table."""
+        from uapt.evaluation import log_to_wandb
+
+        self._wandb(lambda run: log_to_wandb(run, results))
+
     def _wandb(self, action) -> None:
         if self.wandb_run is None:
             return

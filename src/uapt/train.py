@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from uapt import checkpoint, distributed, records
+from uapt import checkpoint, distributed, evaluation, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
@@ -330,21 +330,20 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------- one run
-def train(
-    cfg: Mapping[str, Any],
-    folder: Path,
-    record: records.RunRecord | None,
-    tracker: Tracker | None,
-    world: distributed.World,
-) -> None:
-    """Train one run in `folder`. Only rank 0 has a record and a tracker."""
-    trainer_cfg = cfg["trainer"]
-    device = pick_device(trainer_cfg["device"], world)
-    seed_everything(cfg["seed"], trainer_cfg["deterministic"])
-    started = time.perf_counter()
+@dataclass
+class Components:
+    tokenizer: Any
+    train_set: Any
+    val_set: Any
+    data_stats: dict[str, Any]
+    model: torch.nn.Module  # the bare model (what is saved and evaluated)
+    runner: torch.nn.Module  # what runs forward in training: the model or its DDP wrapper
+    teacher: torch.nn.Module | None
 
+
+def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World) -> Components:
     tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
-    train_set, val_set, data_stats = build_datasets(
+    train_set, val_set, stats = build_datasets(
         cfg["dataset"], tokenizer, cfg["seed"], cfg["cache_dir"]
     )
     torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
@@ -355,40 +354,96 @@ def train(
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None
         runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return Components(tokenizer, train_set, val_set, stats, model, runner, teacher)
 
-    pad = tokenizer.pad_token_id
+
+def base_model_scores(cfg: Mapping[str, Any], parts: Components, device: torch.device) -> dict:
+    """The initial model's suite scores, from the cache or evaluated now (before any step)."""
+    return evaluation.base_scores(
+        cfg["model"],
+        cfg["eval"],
+        cfg["cache_dir"],
+        init_seed=cfg["seed"],
+        evaluate_fn=lambda: evaluation.run_suite(
+            parts.model, parts.tokenizer, cfg["eval"], device=device, seed=cfg["seed"]
+        ),
+    )
+
+
+def train(
+    cfg: Mapping[str, Any],
+    folder: Path,
+    record: records.RunRecord | None,
+    tracker: Tracker | None,
+    world: distributed.World,
+) -> None:
+    """Train (and evaluate) one run in `folder`. Only rank 0 has a record and a tracker."""
+    trainer_cfg = cfg["trainer"]
+    device = pick_device(trainer_cfg["device"], world)
+    seed_everything(cfg["seed"], trainer_cfg["deterministic"])
+    started = time.perf_counter()
+    parts = build(cfg, device, world)
+    base = base_model_scores(cfg, parts, device) if world.is_main else {}
+    distributed.barrier(world)
+
+    pad = parts.tokenizer.pad_token_id
     stream = BatchStream(
-        train_set, trainer_cfg["micro_batch_size"], cfg["seed"], pad, world.rank, world.world_size
+        parts.train_set,
+        trainer_cfg["micro_batch_size"],
+        cfg["seed"],
+        pad,
+        world.rank,
+        world.world_size,
     )
-    loop = Trainer(
-        cfg,
-        runner,
-        teacher,
-        stream,
-        device,
-        accumulation_steps(trainer_cfg, world.world_size),
-        world,
-    )
-    probe = next(eval_batches(val_set, trainer_cfg["micro_batch_size"], pad, 1), None)
+    accumulation = accumulation_steps(trainer_cfg, world.world_size)
+    loop = Trainer(cfg, parts.runner, parts.teacher, stream, device, accumulation, world)
+    probe = next(eval_batches(parts.val_set, trainer_cfg["micro_batch_size"], pad, 1), None)
     loop.probe = probe and {k: v.to(device) for k, v in probe.items()}
-
     checkpoints = folder / "checkpoints"
-    metrics = resume(loop, model, checkpoints, folder / "metrics.jsonl", world)
+    metrics = resume(loop, parts.model, checkpoints, folder / "metrics.jsonl", world)
     if record:
         record.update(
-            data=data_stats,
+            data=parts.data_stats,
             resumed_from_step=loop.step or None,
             timings={"setup_s": round(time.perf_counter() - started, 2)},
         )
 
+    run_loop(loop, parts, checkpoints, metrics, tracker)
+    train_s = time.perf_counter() - started
+    metrics["val/loss"] = validation_loss(parts.model, parts.val_set, trainer_cfg, pad, device)
+    log.info(
+        "step %d  loss %.4f  val/loss %.4f",
+        loop.step,
+        metrics.get("train/loss", math.nan),
+        metrics["val/loss"],
+    )
+    if not record:
+        return
+    if trainer_cfg["save_model"]:
+        save_model(parts.model, parts.tokenizer, folder / "model")
+    record.update(metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)})
+    tracker.summary(metrics)
+    evaluate_run(cfg, parts, device, folder, base, record, tracker)
+
+
+def run_loop(
+    loop: Trainer,
+    parts: Components,
+    checkpoints: Path,
+    metrics: dict[str, float],
+    tracker: Tracker | None,
+) -> None:
+    """Step until max_steps: log, checkpoint, and stop cleanly on a signal."""
+    trainer_cfg = loop.cfg["trainer"]
     every, last_saved = trainer_cfg["checkpoint_every"], checkpoint.latest(checkpoints)
+    pad = parts.tokenizer.pad_token_id
     bar = tqdm(
         total=trainer_cfg["max_steps"],
         initial=loop.step,
-        desc=folder.name[:40],
+        desc="train",
         unit="step",
         dynamic_ncols=True,
-        disable=not world.is_main,
+        disable=not loop.world.is_main,
     )
     with StopSignals() as stop:
         while loop.step < trainer_cfg["max_steps"]:
@@ -400,29 +455,38 @@ def train(
                     f"last good checkpoint: {last_saved or 'none'}"
                 )
             if loop.step % trainer_cfg["log_every"] == 0 or loop.step == trainer_cfg["max_steps"]:
-                row = log_step(loop, row, val_set, pad, tracker)
+                row = log_step(loop, row, parts.val_set, pad, tracker)
                 metrics.update({f"train/{k}": v for k, v in row.items()})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
             due = every and loop.step % every == 0 and loop.step < trainer_cfg["max_steps"]
             if due or stop.received:
-                last_saved = save_checkpoint(loop, model, checkpoints, metrics) or last_saved
+                last_saved = save_checkpoint(loop, parts.model, checkpoints, metrics) or last_saved
             if stop.received:
                 stop.stop(loop.step, last_saved)
     bar.close()
-    train_s = time.perf_counter() - started
-    metrics["val/loss"] = validation_loss(model, val_set, trainer_cfg, pad, device)
-    log.info(
-        "step %d  loss %.4f  val/loss %.4f",
-        loop.step,
-        metrics.get("train/loss", float("nan")),
-        metrics["val/loss"],
+
+
+def evaluate_run(
+    cfg: Mapping[str, Any],
+    parts: Components,
+    device: torch.device,
+    folder: Path,
+    base: dict,
+    record: records.RunRecord,
+    tracker: Tracker,
+) -> None:
+    """The eval suite on the trained model, with the base model's scores and the delta to them."""
+    started = time.perf_counter()
+    result = evaluation.run_suite(
+        parts.model, parts.tokenizer, cfg["eval"], device=device, out_dir=folder, seed=cfg["seed"]
     )
-    if record:
-        if trainer_cfg["save_model"]:
-            save_model(model, tokenizer, folder / "model")
-        timings = {**record.data["timings"], "train_s": round(train_s, 2)}
-        record.update(metrics=metrics, timings=timings)
-        tracker.summary(metrics)
+    if not result:
+        return
+    result["eval_base"] = base.get("eval", {})
+    result["eval_delta"] = evaluation.score_delta(result["eval"], result["eval_base"])
+    timings = {**record.data["timings"], "eval_s": round(time.perf_counter() - started, 2)}
+    record.update(**result, timings=timings)
+    tracker.log_eval(result)
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
