@@ -357,6 +357,14 @@ def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World
     return Components(tokenizer, train_set, val_set, stats, model, runner, teacher)
 
 
+def model_source(model: torch.nn.Module) -> dict[str, Any]:
+    """Where the weights came from: a hub id or folder, plus the embedded copy's provenance."""
+    path = str(getattr(model, "name_or_path", "") or "") or None
+    marker = Path(path) / "uapt_source.json" if path else None
+    provenance = json.loads(marker.read_text()) if marker and marker.is_file() else None
+    return {"path": path, "embedded": provenance}
+
+
 def base_model_scores(cfg: Mapping[str, Any], parts: Components, device: torch.device) -> dict:
     """The initial model's suite scores, from the cache or evaluated now (before any step)."""
     return evaluation.base_scores(
@@ -403,6 +411,7 @@ def train(
     metrics = resume(loop, parts.model, checkpoints, folder / "metrics.jsonl", world)
     if record:
         record.update(
+            model_source=model_source(parts.model),
             data=parts.data_stats,
             resumed_from_step=loop.step or None,
             timings={"setup_s": round(time.perf_counter() - started, 2)},
