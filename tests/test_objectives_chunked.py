@@ -105,8 +105,8 @@ def _both(obj, hidden, teacher_hidden, weight, bias, labels, teacher_head, softc
     return naive, naive_grads, chunked, chunked_grads
 
 
-# Elementwise row blocks per chunk (chunk sizes 4, 5, 64, 1 above): 2, 1, 7 and 1 rows a block.
-_BLOCKS = [2, 8, 3, 8]
+# (elementwise row blocks, teacher matmuls) per chunk, for the chunk sizes 4, 5, 64, 1 above.
+_SPLITS = [(2, 2), (8, 1), (16, 3), (8, 4)]
 
 
 @pytest.mark.parametrize(("select", "scope", "divergence", "distill_on"), _GRID)
@@ -114,7 +114,8 @@ def test_chunked_equals_naive(select, scope, divergence, distill_on, monkeypatch
     import uapt.objectives
 
     for i, (knobs, softcap, t_softcap, bias, separate, chunk) in enumerate(_VARIANTS):
-        monkeypatch.setattr(uapt.objectives, "_BLOCKS_PER_CHUNK", _BLOCKS[i])
+        monkeypatch.setattr(uapt.objectives, "_BLOCKS_PER_CHUNK", _SPLITS[i][0])
+        monkeypatch.setattr(uapt.objectives, "_TEACHER_SPLIT", _SPLITS[i][1])
         obj = dict(knobs, select=select, scope=scope, divergence=divergence, distill_on=distill_on)
         hidden, t_hidden, weight, b, labels, t_head, cap = _setup(
             i, bias, separate, softcap, t_softcap
@@ -241,7 +242,7 @@ def test_output_head_of_a_softcapped_model_matches_its_logits():
     labels[0, :3] = -100
     obj = dict(mask_ratio=0.5)
     logits = model(input_ids=ids).logits
-    hidden = model.model(input_ids=ids).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # final-normed states
     naive = token_loss(logits, labels, obj)
     chunked = token_loss_chunked(hidden, labels, obj, head, chunk_size=3)
     _close(chunked.total, naive.total, "model total")
