@@ -34,8 +34,15 @@ from uapt import checkpoint, distributed, evaluation, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
-from uapt.models import load_model, load_tokenizer, make_teacher
-from uapt.objectives import TokenLoss, kept_overlap, needs_teacher, token_loss
+from uapt.models import hidden_states, load_model, load_tokenizer, make_teacher
+from uapt.objectives import (
+    TokenLoss,
+    kept_overlap,
+    needs_teacher,
+    output_head,
+    token_loss,
+    token_loss_chunked,
+)
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
 
@@ -109,23 +116,40 @@ def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.
 
 # ----------------------------------------------------------------------------- the loss
 def forward_loss(
-    model,
-    teacher,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     batch: Mapping[str, torch.Tensor],
     objective: Mapping[str, Any],
     generator: torch.Generator | None,
+    bare: torch.nn.Module | None = None,
 ) -> TokenLoss:
-    inputs = {
-        "input_ids": batch["input_ids"],
-        "attention_mask": batch["attention_mask"],
-        "use_cache": False,
-    }  # transformers 5 builds a KV cache unless told not to
-    logits = model(**inputs).logits
+    """The objective on one micro-batch. `model` runs forward (it may be a DDP wrapper); `bare`
+    is the unwrapped model whose output layer the chunked path applies itself."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if objective.get("chunk_size"):
+        hidden = hidden_states(model, ids, mask)
+        teacher_hidden = teacher_head = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_hidden = hidden_states(teacher, ids, mask)
+            teacher_head = output_head(teacher)
+        return token_loss_chunked(
+            hidden,
+            labels,
+            objective,
+            output_head(bare or model),
+            teacher_hidden,
+            teacher_head,
+            generator,
+            chunk_size=objective["chunk_size"],
+        )
+    # transformers 5 builds a KV cache unless told not to
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits
-    return token_loss(logits, batch["labels"], objective, teacher_logits, generator)
+            teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return token_loss(logits, labels, objective, teacher_logits, generator)
 
 
 @torch.no_grad()
@@ -165,6 +189,12 @@ class Trainer:
             self.optimizer, lr_lambda(self.cfg["trainer"])
         )
 
+    @property
+    def bare(self) -> torch.nn.Module:
+        """The model without its DDP wrapper (its output layer feeds the chunked loss)."""
+        ddp = torch.nn.parallel.DistributedDataParallel
+        return self.model.module if isinstance(self.model, ddp) else self.model
+
     def autocast(self):
         if self.cfg["trainer"]["precision"] != "bf16":
             return nullcontext()
@@ -185,7 +215,12 @@ class Trainer:
             sync = nullcontext() if last or not self.world.distributed else self.model.no_sync()
             with sync, self.autocast():
                 out = forward_loss(
-                    self.model, self.teacher, batch, self.cfg["objective"], self.noise(micro)
+                    self.model,
+                    self.teacher,
+                    batch,
+                    self.cfg["objective"],
+                    self.noise(micro),
+                    self.bare,
                 )
                 # Each rank's loss is its share of the global token mean; DDP averages gradients.
                 (out.total * self.world.world_size / self.accumulation).backward()
@@ -217,8 +252,9 @@ class Trainer:
         self.model.eval()
         generator = torch.Generator(self.device).manual_seed(self.cfg["seed"])
         with self.autocast():
+            objective = self.cfg["objective"]
             kept = forward_loss(
-                self.model, self.teacher, self.probe, self.cfg["objective"], generator
+                self.model, self.teacher, self.probe, objective, generator, self.bare
             ).kept
         self.model.train()
         previous, self.probe_kept = self.probe_kept, kept.cpu()
