@@ -32,7 +32,12 @@ def losses(runs_dir) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("variant", "extra", "launch"),
-    [("mle", [], "torchrun"), ("masked_mle_distill", ["objective.scope=batch"], "nproc")],
+    [
+        ("mle", [], "torchrun"),
+        ("masked_mle_distill", ["objective.scope=batch"], "nproc"),
+        ("masked_mle_distill", ["objective.scope=batch", "trainer.fsdp=true"], "nproc"),
+    ],
+    ids=["ddp-torchrun", "ddp-nproc", "fsdp-nproc"],
 )
 def test_two_ranks_match_one_process(variant, extra, launch, tmp_path):
     args = [*ARGS, f"objective={variant}", *extra]

@@ -79,14 +79,20 @@ def save(
     scheduler: Any,
     state: TrainingState,
     keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step-<N>/ atomically and prune to the newest `keep` checkpoints."""
+    """Write step-<N>/ atomically and prune to the newest `keep` checkpoints. `weights` and
+    `optimizer_state` stand in for the model's and the optimizer's (FSDP: gathered from ranks)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".step-{state.step:08d}-"))
     try:
-        save_file(trainable_state(model), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(trainable_state(model) if weights is None else weights, tmp / "model.safetensors")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            tmp / "optimizer.pt",
+        )
         torch.save(
             {
                 "scheduler": scheduler.state_dict(),
@@ -151,15 +157,24 @@ def latest(folder: Path) -> Path | None:
 def load(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> TrainingState:
-    weights = load_file(checkpoint / "model.safetensors")
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise RuntimeError(
-            f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, "
-            f"e.g. {sorted(missing)[0]}: it belongs to a different model"
-        )
-    model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    from uapt import fsdp  # transformers and torch.distributed: only when loading
+
+    sharded = fsdp.is_sharded(model)
+    weights = optimizer_state = None
+    if not sharded or fsdp.is_main():  # FSDP: rank 0 reads, load_full_state_dicts broadcasts
+        weights = load_file(checkpoint / "model.safetensors")
+        missing = set(fsdp.trainable_names(model)) - set(weights)
+        if missing:
+            raise RuntimeError(
+                f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, "
+                f"e.g. {sorted(missing)[0]}: it belongs to a different model"
+            )
+        optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    if sharded:
+        fsdp.load_full_state_dicts(model, optimizer, weights, optimizer_state)
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(optimizer_state)
     extra = torch.load(checkpoint / "state.pt", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     restore_rng(extra["rng"])

@@ -82,6 +82,7 @@ TRAINER: dict[str, tuple[Check, str]] = {
     "checkpoint_every": number(0, integer=True),
     "keep_checkpoints": number(1, integer=True),
     "nproc": number(1, integer=True),
+    "fsdp": BOOL,
     "save_model": BOOL,
 }
 MODEL: dict[str, tuple[Check, str]] = {

@@ -27,6 +27,7 @@ NON_SEMANTIC = {
         "checkpoint_every",
         "keep_checkpoints",
         "nproc",
+        "fsdp",
         "val_batches",
         "save_model",
     },

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from uapt import checkpoint, distributed, evaluation, records
+from uapt import checkpoint, distributed, evaluation, fsdp, records
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
-from uapt.models import hidden_states, load_model, load_tokenizer, make_teacher
+from uapt.models import AdaptersOff, hidden_states, load_model, load_tokenizer, make_teacher
 from uapt.objectives import (
     TokenLoss,
     kept_overlap,
@@ -171,7 +171,7 @@ def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, dev
 @dataclass
 class Trainer:
     cfg: Mapping[str, Any]
-    model: torch.nn.Module  # what runs forward: the model, or its DDP wrapper
+    model: torch.nn.Module  # what runs forward: the model (sharded under FSDP) or its DDP wrapper
     teacher: torch.nn.Module | None
     stream: BatchStream
     device: torch.device
@@ -212,7 +212,7 @@ class Trainer:
             batch = self.stream.micro_batch(self.step * self.accumulation + micro)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             last = micro == self.accumulation - 1
-            sync = nullcontext() if last or not self.world.distributed else self.model.no_sync()
+            sync = nullcontext() if last or not self.world.distributed else fsdp.no_sync(self.model)
             with sync, self.autocast():
                 out = forward_loss(
                     self.model,
@@ -222,12 +222,13 @@ class Trainer:
                     self.noise(micro),
                     self.bare,
                 )
-                # Each rank's loss is its share of the global token mean; DDP averages gradients.
+                # Each rank's loss is its share of the global token mean; DDP / FSDP average
+                # gradients over ranks.
                 (out.total * self.world.world_size / self.accumulation).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
         clip = self.cfg["trainer"]["grad_clip"] or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = fsdp.clip_grad_norm_(self.model.parameters(), clip)  # DTensor grads too
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -372,7 +373,7 @@ class Components:
     train_set: Any
     val_set: Any
     data_stats: dict[str, Any]
-    model: torch.nn.Module  # the bare model (what is saved and evaluated)
+    model: torch.nn.Module  # the bare model (what is saved and evaluated; sharded under FSDP)
     runner: torch.nn.Module  # what runs forward in training: the model or its DDP wrapper
     teacher: torch.nn.Module | None
 
@@ -386,11 +387,23 @@ def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
     model.train()
     teacher = make_teacher(model, cfg["model"]) if needs_teacher(cfg["objective"]) else None
-    runner = model
-    if world.distributed:
+    return Components(tokenizer, train_set, val_set, stats, model, model, teacher)
+
+
+def parallelize(
+    cfg: Mapping[str, Any], parts: Components, device: torch.device, world: distributed.World
+) -> None:
+    """Several ranks: DDP (a whole copy per rank), or with trainer.fsdp weights, gradients and
+    optimizer state sharded (FSDP2). Runs after rank 0 alone scored the base model."""
+    if not world.distributed:
+        return
+    if not cfg["trainer"]["fsdp"]:
         ids = [device.index] if device.type == "cuda" else None
-        runner = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return Components(tokenizer, train_set, val_set, stats, model, runner, teacher)
+        parts.runner = torch.nn.parallel.DistributedDataParallel(parts.model, device_ids=ids)
+        return
+    fsdp.shard(parts.model, mixed_precision=cfg["trainer"]["precision"] == "bf16")
+    if parts.teacher is not None and not isinstance(parts.teacher, AdaptersOff):
+        fsdp.shard(parts.teacher)  # a frozen copy; LoRA's teacher is the (sharded) student
 
 
 def model_source(model: torch.nn.Module) -> dict[str, Any]:
@@ -429,6 +442,7 @@ def train(
     parts = build(cfg, device, world)
     base = base_model_scores(cfg, parts, device) if world.is_main else {}
     distributed.barrier(world)
+    parallelize(cfg, parts, device, world)
 
     pad = parts.tokenizer.pad_token_id
     stream = BatchStream(
@@ -456,6 +470,10 @@ def train(
     run_loop(loop, parts, checkpoints, metrics, tracker)
     train_s = time.perf_counter() - started
     metrics["val/loss"] = validation_loss(parts.model, parts.val_set, trainer_cfg, pad, device)
+    if fsdp.is_sharded(parts.model):  # every rank gathers; rank 0 saves and evaluates a copy
+        parts.model = fsdp.unsharded_copy(
+            parts.model, lambda: load_model(cfg["model"], parts.tokenizer, cfg["cache_dir"], device)
+        )
     log.info(
         "step %d  loss %.4f  val/loss %.4f",
         loop.step,
@@ -562,7 +580,9 @@ def log_step(
 def save_checkpoint(
     loop: Trainer, model: torch.nn.Module, folder: Path, metrics: dict
 ) -> Path | None:
-    """Rank 0 writes; every rank waits for it so that none runs ahead of a checkpoint."""
+    """Rank 0 writes; every rank waits for it so that none runs ahead of a checkpoint.
+    Under FSDP every rank first takes part in gathering the weights and optimizer state."""
+    full = fsdp.full_state_dicts(model, loop.optimizer) if fsdp.is_sharded(model) else (None, None)
     saved = None
     if loop.world.is_main:
         state = checkpoint.TrainingState(loop.step, dict(metrics), loop.probe_kept)
@@ -573,6 +593,7 @@ def save_checkpoint(
             loop.scheduler,
             state,
             loop.cfg["trainer"]["keep_checkpoints"],
+            *full,
         )
     distributed.barrier(loop.world)
     return saved
