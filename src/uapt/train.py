@@ -709,6 +709,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             log.error("bad configuration: %s", e)
             raise SystemExit(2) from None
         outcome = failed_outcome(cfg, f"bad configuration: {e}")
+    except Interrupted as e:  # a signal: the checkpoint is written; stop (the whole sweep too)
+        log.warning("%s", e)
+        raise SystemExit(130) from None
     except Exception as e:
         if not multirun:
             raise
