@@ -356,7 +356,8 @@ def test_none_suite_is_empty(tiny_model, tiny_tokenizer):
 
 
 # ----------------------------------------------------------------------------- config
-def test_every_suite_config_validates():
+def test_every_suite_config_validates(monkeypatch):
+    monkeypatch.chdir(REPO)  # local_real's data folder is relative to the working directory
     for path in sorted(EVAL_CONF.glob("*.yaml")):
         if path.stem == "local_real" and not (REPO.parent / "shared" / "data").exists():
             continue
@@ -393,6 +394,22 @@ def test_every_suite_config_validates():
 def test_bad_suite_config_names_the_key(change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate_suite({"name": "x", "tasks": [], **change})
+
+
+def test_hub_tasks_resolve_to_lm_eval_configs_without_loading_data():
+    from uapt.evaluation import TaskSpec, task_request
+
+    request, manager, is_cfg = task_request(TaskSpec(name="arc_easy", task="arc_easy"))
+    assert (request, is_cfg) == ("arc_easy", False) and "arc_easy" in manager.task_index
+    request, manager, _ = task_request(TaskSpec(name="mmlu", task="mmlu"))
+    assert request == "mmlu" and manager.task_index["mmlu"].kind.name == "GROUP"
+    with pytest.raises(ConfigError, match="apply to single tasks"):
+        task_request(TaskSpec(name="mmlu", task="mmlu", overrides={"num_fewshot": 1}))
+    cfg, _, is_cfg = task_request(
+        TaskSpec(name="gsm8k_local", task="gsm8k", data_files={"test": "/x.jsonl"})
+    )
+    assert is_cfg and cfg["task"] == "gsm8k_local" and cfg["dataset_path"] == "json"
+    assert cfg["filter_list"][0]["name"] == "strict-match"  # the rest is lm-eval's gsm8k.yaml
 
 
 def test_suite_limit_caps_task_limits():

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BUILTIN_TASKS = ("arith", "ifeval_embedded")
-DEFAULT_SIZE = {"arith": 100, "ifeval_embedded": 64}  # rows a builtin task generates
-NON_SEMANTIC = ("batch_size", "log_samples")  # suite keys that do not change the scores
+DEFAULT_SIZE = {"arith": 64, "ifeval_embedded": 48}  # rows a builtin task generates
+NON_SEMANTIC = ("batch_size", "max_batch_size", "log_samples")  # keys that do not change scores
 
 
 # ----------------------------------------------------------------------------- config
@@ -435,7 +435,8 @@ def evaluate_lm(
         if raw is None:  # not rank 0 (lm-eval returns results on rank 0 only)
             continue
         keep = None if suite["subtasks"] else {spec.name}
-        scores.update(flatten_results(raw, keep))
+        # a tag (e.g. ai2_arc) has no aggregate of its own: then every task it expanded to
+        scores.update(flatten_results(raw, keep) or flatten_results(raw))
         meta["n_samples"].update(raw.get("n-samples", {}))
         meta["task_versions"].update(
             {k: v for k, v in raw.get("versions", {}).items() if v is not None}
@@ -645,16 +646,20 @@ def _fmt(x: Any) -> str:
     return "" if _number(x) is None else f"{float(x):.4f}"
 
 
-def rich_table(results: Mapping[str, Any]):
+def rich_table(results: Mapping[str, Any], title: str | None = None):
+    """Every metric with its stderr (and base and delta when the results carry them)."""
     from rich.table import Table
 
-    table = Table(
-        title=f"eval: {(results.get('eval_meta') or {}).get('suite', {}).get('name', '')}"
-    )
-    for col in ("task", "metric", "value", "± stderr", "base", "delta"):
+    suite = ((results.get("eval_meta") or {}).get("suite") or {}).get("name", "")
+    rows = result_rows(results)
+    extra = any(r[4] is not None or r[5] is not None for r in rows)
+    table = Table(title=title or f"eval: {suite}")
+    for col in ("task", "metric", "value", "± stderr", *(("base", "delta") if extra else ())):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    for task, metric, value, stderr, base, delta in result_rows(results):
-        table.add_row(task, metric, _fmt(value), _fmt(stderr), _fmt(base), _fmt(delta))
+    for task, metric, value, stderr, base, delta in rows:
+        table.add_row(
+            task, metric, _fmt(value), _fmt(stderr), *((_fmt(base), _fmt(delta)) if extra else ())
+        )
     return table
 
 
@@ -704,6 +709,8 @@ def load_for_eval(
     if checkpoint is None:
         tokenizer = load_tokenizer(model_cfg, cache_dir)
         return load_model(model_cfg, tokenizer, cache_dir, device), tokenizer
+    if not Path(checkpoint).expanduser().is_dir():
+        raise FileNotFoundError(f"checkpoint={checkpoint}: no such folder")
     folder = latest_checkpoint(Path(checkpoint).expanduser())
     has_tokenizer = (folder / "tokenizer_config.json").exists()
     if (folder / "config.json").exists():
@@ -768,7 +775,11 @@ def evaluate_cli(
         )
         return 2
     device = _device((cfg.get("trainer") or {}).get("device", "auto"))
-    model, tokenizer = load_for_eval(cfg["model"], cfg["cache_dir"], device, checkpoint)
+    try:
+        model, tokenizer = load_for_eval(cfg["model"], cfg["cache_dir"], device, checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
     out_file = Path(output).expanduser() if output else None
     if out_file is not None and out_file.suffix != ".json":
         out_file = out_file / "eval.json"
@@ -780,7 +791,8 @@ def evaluate_cli(
         out_dir=out_file.parent if out_file else None,
         seed=cfg.get("seed", 0),
     )
-    Console().print(rich_table(results))
+    title = f"{cfg['model'].get('name')}{f' @ {checkpoint}' if checkpoint else ''} on eval={suite['name']}"
+    Console().print(rich_table(results, title))
     if out_file is not None:
         from uapt.records import write_json_atomic
 
@@ -800,6 +812,9 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
     def app(cfg: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("lm_eval").setLevel(
+            logging.WARNING
+        )  # its per-task INFO lines drown the table
         status = evaluate_cli(OmegaConf.to_container(cfg, resolve=True), **own)
         if status:
             raise SystemExit(status)

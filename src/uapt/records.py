@@ -32,7 +32,7 @@ NON_SEMANTIC = {
         "save_model",
     },
     "objective": {"chunk_size"},
-    "eval": {"batch_size", "log_samples"},
+    "eval": {"batch_size", "max_batch_size", "log_samples"},
 }
 SEMANTIC_SECTIONS = ("model", "dataset", "objective", "trainer", "eval")
 PACKAGES = (

@@ -422,7 +422,7 @@ def base_model_scores(cfg: Mapping[str, Any], parts: Components, device: torch.d
         cfg["cache_dir"],
         init_seed=cfg["seed"],
         evaluate_fn=lambda: evaluation.run_suite(
-            parts.model, parts.tokenizer, cfg["eval"], device=device, seed=cfg["seed"]
+            parts.model, parts.tokenizer, cfg["eval"], device=device
         ),
     )
 
@@ -538,10 +538,13 @@ def evaluate_run(
     record: records.RunRecord,
     tracker: Tracker,
 ) -> None:
-    """The eval suite on the trained model, with the base model's scores and the delta to them."""
+    """The eval suite on the trained model, with the base model's scores and the delta to them.
+
+    Evaluation uses one fixed seed (run_suite's) for every run and the base model alike, so all
+    of them see the same few-shot examples and sampling draws."""
     started = time.perf_counter()
     result = evaluation.run_suite(
-        parts.model, parts.tokenizer, cfg["eval"], device=device, out_dir=folder, seed=cfg["seed"]
+        parts.model, parts.tokenizer, cfg["eval"], device=device, out_dir=folder
     )
     if not result:
         return
