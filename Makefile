@@ -20,7 +20,10 @@ demo: setup
 	$(BIN)/uapt-table experiments/demo.yaml --runs runs --plot runs/plots/demo
 
 test: setup
-	$(OFFLINE) $(BIN)/pytest -q tests
+	$(OFFLINE) $(BIN)/pytest -q tests uat -m "not full"
+
+uat: setup
+	$(BIN)/pytest -q uat
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks uat

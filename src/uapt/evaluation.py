@@ -680,10 +680,12 @@ def _pop_cli_keys(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def latest_checkpoint(folder: Path) -> Path:
-    """A run folder or its checkpoints/ resolve to the newest step-<N>/ whose files match their
-    manifest (uapt.checkpoint); any other folder is taken as it is."""
+    """A run folder resolves to its final model/ when it saved one, else (like its checkpoints/)
+    to the newest step-<N>/ whose files match their manifest; any other folder is taken as is."""
     from uapt import checkpoint as ckpt
 
+    if (folder / "run.json").is_file() and (folder / "model").is_dir():
+        return folder / "model"
     for candidate in (folder / "checkpoints", folder):
         if any(candidate.glob("step-*")):
             found = ckpt.latest(candidate)
