@@ -78,6 +78,7 @@ KILLED_SLUG = "tiny-arith-masked_mle-r0.5-l0-s0"
 class ResumedSweep:
     home: Path
     command: list[str]
+    killed_slug: str  # the run the kill interrupted
     killed: Seen  # the first launch, SIGKILLed during its third run
     killed_record: dict  # the third run's run.json just after the kill
     rerun: Seen  # the same command again
@@ -118,4 +119,4 @@ def resumed_sweep(tmp_path_factory, bin_dir, env) -> ResumedSweep:
     (record_file,) = (home / "runs").glob(f"{KILLED_SLUG}-*/run.json")
     record = json.loads(record_file.read_text())
     rerun = sh(command, home, env, timeout=600)
-    return ResumedSweep(home, command, killed, record, rerun)
+    return ResumedSweep(home, command, KILLED_SLUG, killed, record, rerun)

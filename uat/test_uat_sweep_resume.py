@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from conftest import KILLED_SLUG
 from uatlib import run_dirs
 
 
@@ -18,7 +17,7 @@ def test_the_kill_left_two_runs_done_and_one_unfinished(resumed_sweep):
     # The first launch never got to its summary line.
     assert "sweep:" not in resumed_sweep.killed.text
     assert resumed_sweep.killed_record["status"] == "running"  # killed: no chance to say otherwise
-    assert resumed_sweep.killed_record["slug"] == KILLED_SLUG
+    assert resumed_sweep.killed_record["slug"] == resumed_sweep.killed_slug
     assert (runs / ".sweeps" / "uat_resume").is_dir()  # where Hydra keeps the sweep's own files
 
 
@@ -41,7 +40,7 @@ def test_rerun_skips_the_finished_and_resumes_the_killed(resumed_sweep):
     assert {r["status"] for r in records} == {"completed"}
     assert {r["summary"]["experiment"] for r in records} == {"uat_resume"}
     # The killed run resumed: its metrics.jsonl has every step exactly once, none twice.
-    (killed,) = (resumed_sweep.home / "runs").glob(f"{KILLED_SLUG}-*")
+    (killed,) = (resumed_sweep.home / "runs").glob(f"{resumed_sweep.killed_slug}-*")
     steps = [
         json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
     ]

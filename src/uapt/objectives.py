@@ -580,7 +580,7 @@ class _Fused:
 # rows, and the teacher's logits are made chunk / _TEACHER_SPLIT rows at a time, so that
 # besides the chunk's student logits only fractions of [chunk, V] are alive (tests change them).
 _BLOCKS_PER_CHUNK = 8
-_TEACHER_SPLIT = 4
+_TEACHER_SPLIT = 8
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -645,8 +645,8 @@ def _chunk_terms(
     """
     n_d = 0 if t is None else t.shape[0]
     tau, cap = cfg.temperature, cfg.softcap
-    # Forward KL at tau = 1 (the default) shares the student's softmax with the MLE term:
-    # its gradient Q - P folds into the softmax's coefficient and a -P term.
+    # Forward KL at tau = 1 (the default) shares the student's softmax Q with the MLE term: the
+    # rows' gradient is Q (w + c) - c P - w onehot, and P lives in z's rows (spent by then).
     share = cfg.divergence == "forward_kl" and tau == 1
     low = torch.finfo(z.dtype).min
     coef_d = tau * cfg.distill_weight * dist_w  # d(tau^2 div)/dz = tau d div/du
@@ -657,31 +657,31 @@ def _chunk_terms(
         log_q = torch.log_softmax(zb, dim=-1)
         nll[r0:r1] = -log_q.gather(1, y).squeeze(1)
         k = max(0, min(r1, n_d) - r0)  # distilled rows in this block
+        # z = c tanh(a / c): dz/da = 1 - (z / c)^2, taken before zb is reused.
+        dcap = zb.div(cap).square_().neg_().add_(1) if cap and need_grad else None
         extra = None
         if k and share:
             log_p = torch.log_softmax(t[r0 : r0 + k], dim=-1)
-            p = log_p.exp()
+            p = torch.exp(log_p, out=zb[:k])  # zb's logits are spent: reuse them for P
             dist_sum += _rowdot(p, log_p.sub_(log_q[:k]).clamp_(min=low)).sum()
             del log_p
-            extra = p.mul_(-coef_d)
         elif k:
             d, extra = _divergence_and_grad(zb[:k], t[r0 : r0 + k], cfg)
             dist_sum += tau * tau * d.sum()
             extra.mul_(coef_d)
         if not need_grad:
             continue
-        dcap = zb.div(cap).square_().neg_().add_(1) if cap else None  # z = c tanh(a / c)
-        coef = w
-        if k and share:
-            coef = w.clone()
-            coef[:k] += coef_d
-        g = torch.exp(log_q, out=zb).mul_(coef)  # softmax * coef - onehot * w, in place
+        if k and share:  # rows [:k]: Q (w + c) - c P; rows [k:]: Q w
+            zb[:k].mul_(-coef_d).add_(log_q[:k].exp_().mul_(w[:k] + coef_d))
+            torch.exp(log_q[k:], out=zb[k:]).mul_(w[k:])
+        else:
+            torch.exp(log_q, out=zb).mul_(w)
         del log_q
-        g.scatter_add_(1, y, -w)
+        zb.scatter_add_(1, y, -w)  # - w onehot
         if extra is not None:
-            g[:k] += extra
+            zb[:k] += extra
         if dcap is not None:
-            g.mul_(dcap)
+            zb.mul_(dcap)
     return nll, (nll * mle_w).sum(), dist_sum * dist_w
 
 
@@ -729,16 +729,17 @@ def _fused_pass(
             del t
             sums[0] += mle_sum
             sums[1] += dist_sum
-        if not any(needs):
-            continue
-        g = z.to(weight.dtype)  # z now holds the gradient w.r.t. the pre-softcap logits
-        del z
-        if need_h:
-            grad_h[r0:r1] = (g @ weight).to(dtype)
-        if need_w:
-            grad_w.addmm_(g.t(), h_c)
-        if need_b:
-            grad_b += g.sum(0, dtype=dtype)
+        if any(needs):
+            g = z.to(weight.dtype)  # z now holds the gradient w.r.t. the pre-softcap logits
+            z = None
+            if need_h:
+                grad_h[r0:r1] = (g @ weight).to(dtype)
+            if need_w:
+                grad_w.addmm_(g.t(), h_c)
+            if need_b:
+                grad_b += g.sum(0, dtype=dtype)
+        # g may be z itself: drop both before the next chunk's logits are allocated.
+        z = g = None
     return sums, nll, (grad_h, grad_w, grad_b)
 
 
@@ -819,6 +820,8 @@ def _score_pass(
                         scores[a:b] = nll[a:b] + log_p.gather(1, y).squeeze(1)
                     else:
                         scores[a:b] = nll[a:b]
+                t = None  # freed before the next teacher block is made
+            z = None  # freed before the next chunk's logits are made
     return nll, scores
 
 
@@ -846,12 +849,14 @@ def token_loss_chunked(
     the teacher's (detached); teacher_head defaults to head. Valid positions are gathered to
     [N, H]. Pass 1 (no grad, skipped when rho = 0 or select=random) scores every token chunk by
     chunk; selection then sees all N scores (same function, scope and ranks as token_loss).
-    Pass 2 visits only kept or distilled rows, ``chunk_size`` at a time: fp32 logits, loss terms
+    (With select=random and rho > 0, rows neither kept nor distilled get a no-grad NLL pass so
+    that ``nll`` is complete for logging.) Pass 2 visits only kept or distilled rows, ``chunk_size`` at a time: fp32 logits, loss terms
     and their closed-form gradients w.r.t. hidden and the head's weight/bias, the weight gradient
     accumulated in place into one [V, H] buffer (the head's dtype; only when the head is
     trained), which backward hands to autograd. Besides it, the peak holds one [chunk_size, V]
     fp32 block of student logits (turned into its gradient in place), the teacher's logits for
-    chunk_size / 4 rows and row-block temporaries: about 1.6 x chunk_size x V x 4 bytes.
+    chunk_size / 8 rows and row-block temporaries: about 1.4 x chunk_size x V x 4 bytes (1.15 x
+    without distillation).
     Softcapping is applied in fp32 after the matmul (HF applies it in the model's dtype).
 
     Only ``total`` (or a multiple: DDP's world_size, accumulation, AMP scaling) may be
@@ -869,14 +874,18 @@ def token_loss_chunked(
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     targets = labels[b_idx, t_idx]
     _check_labels(labels, targets, head.weight.shape[0])
-    h = hidden[b_idx, t_idx - 1]  # [N, H]
-    t_h = teacher_hidden.detach()[b_idx, t_idx - 1] if spec.needs_teacher else None
+
+    def gather(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [n, H] of x predicting the valid labels (all, or those at idx)."""
+        return x[b_idx, t_idx - 1] if idx is None else x[b_idx[idx], t_idx[idx] - 1]
 
     nll_flat, flat_scores = None, None
     if spec.mask_ratio > 0 and spec.select != "random":
+        t_all = gather(teacher_hidden.detach()) if spec.select == "excess" else None
         nll_flat, flat_scores = _score_pass(
-            h.detach(), t_h, targets, head, teacher_head, spec.select, chunk_size
+            gather(hidden.detach()), t_all, targets, head, teacher_head, spec.select, chunk_size
         )
+        del t_all
     scores = _scores_from(spec, labels, valid, flat_scores, generator)
     kept = select_kept(scores, valid, spec, distributed=distributed)
     distilled = _distill_mask(spec, valid, kept)
@@ -900,10 +909,21 @@ def token_loss_chunked(
         distill_weight=spec.distill_weight,
         chunk=chunk_size,
     )
-    t_rows = t_h[d_rows] if spec.distill_weight > 0 else None
+    t_rows = gather(teacher_hidden.detach(), d_rows) if spec.distill_weight > 0 else None
     t_w = teacher_head.weight.detach()
     t_b = None if teacher_head.bias is None else teacher_head.bias.detach()
-    args = (h[rows], head.weight, head.bias, t_rows, t_w, t_b, targets[rows], mle_w, dist_w, cfg)
+    args = (
+        gather(hidden, rows),
+        head.weight,
+        head.bias,
+        t_rows,
+        t_w,
+        t_b,
+        targets[rows],
+        mle_w,
+        dist_w,
+        cfg,
+    )
     grad_on = torch.is_grad_enabled() and (
         hidden.requires_grad
         or head.weight.requires_grad
@@ -920,7 +940,8 @@ def token_loss_chunked(
         nll_flat[rows] = nll_rows
         rest = (~(kept_f | dist_f)).nonzero(as_tuple=True)[0]
         if rest.numel():
-            nll_flat[rest] = _nll_pass(h[rest].detach(), targets[rest], head, chunk_size)
+            h_rest = gather(hidden.detach(), rest)
+            nll_flat[rest] = _nll_pass(h_rest, targets[rest], head, chunk_size)
     nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     nll[b_idx, t_idx] = nll_flat.detach().float()
     return TokenLoss(

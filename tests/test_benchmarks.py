@@ -1,0 +1,196 @@
+"""Smoke tests of benchmarks/: every benchmark runs at --quick sizes on the tiny model and writes
+the JSON fields docs/performance.md is rendered from. No timing is asserted (the machine is
+shared); the summaries are recomputed here from the raw figures."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import env
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+MACHINE_KEYS = {"cpu_model", "cores", "torch_threads", "versions", "device", "load_average"}
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def run_quick(name: str, out_dir: Path, *extra: str) -> tuple[dict, str]:
+    path = out_dir / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--quick", *extra, "--json", str(path)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return json.loads(path.read_text()), proc.stdout
+
+
+def paired_median(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def check_machine(payload: dict) -> None:
+    machine = payload["machine"]
+    assert set(machine) >= MACHINE_KEYS
+    assert machine["torch_threads"] == 1  # --threads default
+    assert machine["versions"]["torch"].startswith("2.13.0")
+    assert machine["versions"]["transformers"]
+    assert payload["quick"] is True
+
+
+# ----------------------------------------------------------------------------- benchmarks
+@pytest.fixture(scope="module")
+def overhead(out_dir):
+    return run_quick("objective_overhead", out_dir, "--run-level")
+
+
+def test_objective_overhead_quick(overhead):
+    payload, stdout = overhead
+    check_machine(payload)
+    assert payload["benchmark"] == "objective_overhead"
+    assert isinstance(payload["cached_teacher"]["available"], bool)
+    if not payload["cached_teacher"]["available"]:
+        assert "teacher" in payload["cached_teacher"]["why_not"]
+    (result,) = payload["results"]
+    assert result["model"] == "tiny"
+    steps = result["step_s"]
+    assert len(steps["mle"]) == len(steps["masked_mle_distill"]) == result["rounds"] == 2
+    assert all(t > 0 for t in steps["mle"] + steps["masked_mle_distill"])
+    # every step the two loops took saw the same real tokens (batches in lockstep)
+    assert len(result["tokens_per_step"]) == result["warmup_steps"] + result["rounds"]
+    ratio = result["ratio_live"]
+    assert ratio["median"] == pytest.approx(
+        paired_median(steps["masked_mle_distill"], steps["mle"])
+    )
+    assert ratio["met"] == (ratio["median"] <= 1.40)
+    run_level = result["run_level"]
+    assert set(run_level["s_per_token"]) >= {"mle", "live"}
+    live = run_level["ratios"]["live"]
+    assert live["median"] == pytest.approx(
+        paired_median(run_level["s_per_token"]["live"], run_level["s_per_token"]["mle"])
+    )
+    assert "masked_mle_distill step s" in stdout
+
+
+@pytest.fixture(scope="module")
+def throughput(out_dir):
+    return run_quick("trainer_throughput", out_dir)
+
+
+def test_trainer_throughput_quick(throughput):
+    payload, stdout = throughput
+    check_machine(payload)
+    (result,) = payload["results"]
+    tokens = result["tokens_per_block"]
+    assert len(tokens) == result["rounds"] and all(t > 0 for t in tokens)
+    for side in ("uapt", "transformers"):
+        expect = [t / s for t, s in zip(tokens, result["block_s"][side], strict=True)]
+        assert result["tokens_per_s"][side] == pytest.approx(expect)
+    tps = result["tokens_per_s"]
+    assert result["ratio"]["median"] == pytest.approx(
+        paired_median(tps["uapt"], tps["transformers"])
+    )
+    assert result["ratio"]["target_rule"] == ">="
+    assert "transformers tokens/s" in stdout
+
+
+def test_eval_inprocess_quick(out_dir):
+    payload, _ = run_quick("eval_inprocess", out_dir)
+    check_machine(payload)
+    (result,) = payload["results"]
+    seconds = result["seconds"]
+    assert len(seconds["cli"]) == len(seconds["in_process"]) == result["rounds"]
+    assert seconds["in_process_cold"] > 0
+    assert "lm_eval run --model hf" in result["cli_command"]
+    assert "--include_path" in result["cli_command"]
+    # greedy decoding of the same problems: the command line and run_suite score alike
+    scores = result["scores"]
+    assert "exact_match,strict-match" in scores["in_process"]
+    assert (
+        scores["in_process"]["exact_match,strict-match"]
+        == scores["cli"]["exact_match,strict-match"]
+    )
+    assert scores["agree"] is True
+    generations = result["generations"]
+    assert generations["rows"] == 2 * 2  # limit 2 problems x the task's 2 filters
+    assert generations["agree"] is True  # token for token the same outputs
+    assert result["ratio_cli_over_in_process"]["median"] == pytest.approx(
+        paired_median(seconds["cli"], seconds["in_process"])
+    )
+
+
+def test_grid_walltime_quick(out_dir):
+    payload, _ = run_quick("grid_walltime", out_dir)
+    check_machine(payload)
+    (result,) = payload["results"]
+    (grid,) = result["grids"]["live"]
+    assert grid["runs"] == len(result["objectives"]) * len(result["seeds"]) == 2
+    assert grid["wall_s"] > grid["train_s"] > 0  # the wall time holds every run's training
+    assert "uapt-train" in grid["command"] or "uapt.train" in grid["command"]
+    assert ("cached" in result["grids"]) == payload["cached_teacher"]["available"]
+
+
+def test_run_all_renders_every_summary(overhead, throughput, tmp_path):
+    outcomes = [
+        run_all.Outcome(bench, ["python", "-", "--quick", "--json", "x"], 1.0, 0, stdout, "", p)
+        for bench, (p, stdout) in zip(run_all.BENCHMARKS[:2], (overhead, throughput), strict=True)
+    ]
+    failed = run_all.Outcome(
+        run_all.BENCHMARKS[3], ["python", "-", "--json", "x"], 2.0, 1, "", "boom", None
+    )
+    doc = run_all.render_doc([*outcomes, failed], True, ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]))
+    assert doc.startswith("# Performance")
+    assert "## Results" in doc and "### Machine" in doc and "### Summary" in doc
+    assert "### objective_overhead" in doc and "### trainer_throughput" in doc
+    assert "live teacher (tiny)" in doc and "uapt / transformers.Trainer tokens/s" in doc
+    assert "**failed**" in doc and "boom" in doc  # a failed benchmark is reported, not hidden
+    raw = doc.split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert json.loads(raw)["benchmark"] == "objective_overhead"  # the raw figures are JSON
+
+
+def test_run_all_rejects_unknown_benchmark():
+    with pytest.raises(SystemExit) as e:
+        run_all.main(["--only", "nope"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_interleave_alternates_after_warmup():
+    calls: list[str] = []
+    times = common.interleave(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 1
+    )
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert [len(v) for v in times.values()] == [2, 2]
+
+
+def test_ratio_summary_pairs_rounds_and_applies_target():
+    # per-round ratios 2/1, 3/2, 8/4 = 2.0, 1.5, 2.0: median 2.0
+    s = common.ratio_summary([2.0, 3.0, 8.0], [1.0, 2.0, 4.0], target=1.4, higher_is_better=False)
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.5, 2.0, 3)
+    assert s["met"] is False
+    assert common.ratio_summary([1.0], [1.0], 1.0, True)["met"] is True
+    with pytest.raises(ValueError, match="3 vs 2"):
+        common.paired_ratios([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_compact_json_round_trips():
+    value = {"a": [1, 2.123456, None], "b": {"c": [{"d": True}], "e": {}}, "f": "x"}
+    assert json.loads(run_all.compact_json(value)) == {**value, "a": [1, 2.123, None]}
