@@ -33,5 +33,8 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks uat
 	$(BIN)/ruff check --fix src tests benchmarks uat
 
+bench: setup
+	$(OFFLINE) $(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf runs .cache
