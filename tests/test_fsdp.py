@@ -23,7 +23,7 @@ LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 0.5  # a low clip: clipping is active on eve
 
 # ----------------------------------------------------------------------------- shared pieces
 def model_cfg(lora: bool = False) -> dict:
-    from conftest import REPO
+    from helpers import REPO
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
@@ -207,7 +207,7 @@ def _worker(rank: int, init_file: str, cache_dir, out) -> None:
 
 def objective(chunk_size: int) -> dict:
     """masked_mle_distill with top-K over the micro-batch of both ranks (scope batch)."""
-    from conftest import REPO
+    from helpers import REPO
     from omegaconf import OmegaConf
 
     base = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "objective" / "base.yaml"))
