@@ -41,10 +41,10 @@ def tiny_tokenizer(cache_dir):
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
     import torch
-    from omegaconf import OmegaConf
+    from helpers import tiny_model_cfg
 
     from uapt.models import load_model
 
     torch.manual_seed(0)
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    cfg = tiny_model_cfg()
     return load_model(cfg, tiny_tokenizer, CACHE_DIR, torch.device("cpu"))

@@ -63,3 +63,13 @@ def records(runs_dir: Path) -> list[dict]:
 
 def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_model_cfg() -> dict:
+    """conf/model/tiny.yaml as Hydra composes it (merged over conf/model/base.yaml)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny"])
+    return OmegaConf.to_container(cfg.model, resolve=True)

@@ -9,6 +9,7 @@ import string
 from pathlib import Path
 
 import pytest
+from helpers import tiny_model_cfg
 from omegaconf import OmegaConf
 
 from uapt.config import ConfigError
@@ -513,7 +514,7 @@ def test_checkpoint_weights_load_for_evaluation(tiny_model, tiny_tokenizer, cach
 
     from uapt import checkpoint
 
-    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    model_cfg = tiny_model_cfg()
     optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     folder = tmp_path / "run" / "checkpoints"
@@ -548,7 +549,7 @@ def test_evaluate_cli_prints_and_writes_json(cache_dir, tmp_path, capsys):
     for task in suite["tasks"]:
         task["max_gen_toks"] = 4
     cfg = {
-        "model": OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")),
+        "model": tiny_model_cfg(),
         "eval": suite,
         "cache_dir": str(cache_dir),
         "trainer": {"device": "cpu"},

@@ -23,10 +23,9 @@ LR, WEIGHT_DECAY, CLIP = 1e-2, 0.1, 0.5  # a low clip: clipping is active on eve
 
 # ----------------------------------------------------------------------------- shared pieces
 def model_cfg(lora: bool = False) -> dict:
-    from helpers import REPO
-    from omegaconf import OmegaConf
+    from helpers import tiny_model_cfg
 
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    cfg = tiny_model_cfg()
     if lora:
         cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     return cfg
