@@ -293,9 +293,9 @@ def test_teacher_required_only_when_needed():
     assert needs_teacher(dict(select="excess"))
     assert needs_teacher(dict(distill_weight=0.1))
     token_loss(logits, labels, dict(select="entropy", mask_ratio=0.5))  # no teacher needed
-    with pytest.raises(ValueError, match="teacher_logits are required"):
+    with pytest.raises(ValueError, match="teacher_logits or cached_teacher are required"):
         token_loss(logits, labels, dict(select="excess", mask_ratio=0.5))
-    with pytest.raises(ValueError, match="teacher_logits are required"):
+    with pytest.raises(ValueError, match="teacher_logits or cached_teacher are required"):
         token_loss(logits, labels, dict(distill_weight=1.0))
 
 

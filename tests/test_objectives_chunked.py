@@ -207,7 +207,7 @@ def test_bf16_is_close_to_naive():
 def test_errors_are_named():
     hidden, _t_hidden, weight, b, labels = _simple(4)
     head = OutputHead(weight, b)
-    with pytest.raises(ValueError, match="teacher_hidden is required"):
+    with pytest.raises(ValueError, match="teacher_hidden or cached_teacher is required"):
         token_loss_chunked(hidden, labels, dict(distill_weight=1.0), head)
     with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
         token_loss_chunked(hidden, labels, {}, head, chunk_size=0)

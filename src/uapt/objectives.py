@@ -44,6 +44,7 @@ SCOPES = ("sequence", "batch")
 NORMALIZES = ("kept", "valid")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DISTILL_ONS = ("unselected", "all")
+TEACHERS = ("live", "cached")
 
 # Values used for keys missing from the mapping (the same as conf/objective/base.yaml).
 DEFAULTS: dict[str, Any] = {
@@ -59,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "distill_on": "unselected",
     "chunk_size": 1024,
 }
-# Keys accepted but not interpreted here (the training loop reads them).
+# Keys accepted but not interpreted here (the training loop reads them; uapt.config checks them).
 PASSTHROUGH_KEYS = ("name", "teacher", "teacher_topk")
 
 # rho is read as the nearest fraction with a denominator up to this, so that K is exact integer
@@ -120,6 +121,10 @@ def parse_objective(objective: Mapping[str, Any] | ObjectiveSpec) -> ObjectiveSp
     if unknown:
         allowed = ", ".join([*DEFAULTS, *PASSTHROUGH_KEYS])
         raise ValueError(f"objective has unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
+    _check_choice("teacher", objective.get("teacher", "live"), TEACHERS)
+    topk = objective.get("teacher_topk", 64)
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"objective.teacher_topk={topk!r} must be an int >= 1")
     v = {k: objective.get(k, default) for k, default in DEFAULTS.items()}
     rho, lam = v["mask_ratio"], v["distill_weight"]
     _check_number("mask_ratio", rho, _is_number(rho) and 0 <= rho < 1, "in [0, 1)")
@@ -308,6 +313,65 @@ def divergence_rows(
     return jsd_beta * _kl_rows(log_p, log_m) + (1 - jsd_beta) * _kl_rows(log_q, log_m)
 
 
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The frozen teacher at N valid positions (token_loss's flat order), as a cache stores it.
+
+    ids / logp [N, k]: its k most likely tokens and their log-probabilities at temperature tau;
+    rest [N]: log of the probability mass outside them; nll [N]: -log p(label) at tau = 1 (exact,
+    for select=excess). The distillation term then compares teacher and student on k + 1 buckets
+    (the k tokens, everything else): a coarsening, so every divergence here is a lower bound of
+    the full-vocabulary one (data processing inequality), exact when k covers the vocabulary.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+    nll: torch.Tensor
+
+    def rows(self, index: torch.Tensor | slice) -> TeacherTopK:
+        return TeacherTopK(self.ids[index], self.logp[index], self.rest[index], self.nll[index])
+
+    def to(self, device: torch.device | str) -> TeacherTopK:
+        return TeacherTopK(*(x.to(device) for x in (self.ids, self.logp, self.rest, self.nll)))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012)."""
+    x = x.clamp(max=0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_topk(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0
+) -> TeacherTopK:
+    """What a cache keeps of teacher logits [N, V] predicting targets [N] (computed in fp32)."""
+    z = _fp32(logits)
+    log_p = _log_softmax(z, temperature)
+    k = min(k, z.shape[-1])
+    logp, ids = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
+    nll = -torch.log_softmax(z, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    return TeacherTopK(ids, logp, rest, nll)
+
+
+def cached_buckets(log_q: torch.Tensor, cached: TeacherTopK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probabilities [N, k + 1] over the buckets of ``cached``.
+
+    log_q [N, V]: the student's log-probabilities at the cache's temperature. The buckets are the
+    teacher's k tokens, then everything else; with k = V there is no rest bucket. The student's
+    rest is floored at the dtype's tiny: a student with all its mass on the k tokens gets a large
+    finite divergence, not inf.
+    """
+    top = log_q.gather(1, cached.ids)
+    log_p = cached.logp.to(log_q)
+    if cached.ids.shape[1] >= log_q.shape[1]:
+        return log_p, top
+    rest = _log1mexp(top.logsumexp(-1)).clamp(min=math.log(torch.finfo(log_q.dtype).tiny))
+    log_p = torch.cat([log_p, cached.rest.to(log_q).unsqueeze(1)], dim=1)
+    return log_p, torch.cat([top, rest.unsqueeze(1)], dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Result and diagnostics
 # --------------------------------------------------------------------------------------------
@@ -426,13 +490,15 @@ def token_loss(
     teacher_logits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    cached_teacher: TeacherTopK | None = None,
     distributed: bool = True,
 ) -> TokenLoss:
     """The objective on full logits [B, T, V] (any float dtype; computed in fp32).
 
-    ``teacher_logits`` [B, T, V] (detached) are needed when distill_weight > 0 or select=excess.
-    ``generator`` feeds select=random (B*T uniforms drawn per call). ``distributed=False``
-    disables every collective (e.g. when only one rank evaluates).
+    The teacher (needed when distill_weight > 0 or select=excess) is ``teacher_logits``
+    [B, T, V] (detached, exact) or ``cached_teacher`` (its top-k at the valid positions, see
+    ``TeacherTopK``). ``generator`` feeds select=random (B*T uniforms drawn per call).
+    ``distributed=False`` disables every collective (e.g. when only one rank evaluates).
     """
     spec = parse_objective(objective)
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
@@ -440,9 +506,9 @@ def token_loss(
             f"logits must be [B, T, V] matching labels [B, T]: got {tuple(logits.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    if spec.needs_teacher and teacher_logits is None:
+    if spec.needs_teacher and teacher_logits is None and cached_teacher is None:
         raise ValueError(
-            "teacher_logits are required: objective has "
+            "teacher_logits or cached_teacher are required: objective has "
             f"distill_weight={spec.distill_weight}, select={spec.select!r}"
         )
     valid = valid_mask(labels)
@@ -455,12 +521,16 @@ def token_loss(
     tz = None
     if teacher_logits is not None and spec.needs_teacher:
         tz = _fp32(teacher_logits.detach()[b_idx, t_idx - 1])
+    elif spec.needs_teacher:
+        _check_cached(cached_teacher, targets.shape[0])
 
     flat_scores = None
     if spec.select == "nll":
         flat_scores = nll_flat
     elif spec.select == "entropy":
         flat_scores = -(log_q1.exp() * log_q1).sum(-1)
+    elif spec.select == "excess" and tz is None:
+        flat_scores = nll_flat - cached_teacher.nll.to(nll_flat)
     elif spec.select == "excess":
         t_log = torch.log_softmax(tz, dim=-1)
         flat_scores = nll_flat + t_log.gather(1, targets.unsqueeze(1)).squeeze(1)
@@ -479,7 +549,10 @@ def token_loss(
         tau = spec.temperature
         rows = dist_f.nonzero(as_tuple=True)[0]
         log_q = torch.log_softmax(z[rows] / tau, dim=-1)
-        log_p = torch.log_softmax(tz[rows] / tau, dim=-1)
+        if tz is None:  # cached: the k + 1 buckets of TeacherTopK
+            log_p, log_q = cached_buckets(log_q, cached_teacher.rows(rows))
+        else:
+            log_p = torch.log_softmax(tz[rows] / tau, dim=-1)
         d = tau * tau * divergence_rows(log_p, log_q, spec.divergence, spec.jsd_beta)
         distill = distill + d.sum() / g_dist.clamp(min=1)
 
@@ -558,6 +631,10 @@ def _head_logits(
     return z
 
 
+def _n_rows(t: torch.Tensor | TeacherTopK) -> int:
+    return t.nll.shape[0] if isinstance(t, TeacherTopK) else t.shape[0]
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b, -1) without an [N, V] temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -626,11 +703,34 @@ def _divergence_and_grad(
     return d, diff.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_(1 - beta)
 
 
+def _cached_divergence_and_grad(
+    z: torch.Tensor, cached: TeacherTopK, cfg: _Fused
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """div over the buckets of ``cached`` per row and its gradient w.r.t. u = z / tau.
+
+    With g = d div / d log Q~ (autograd on the small [rows, k + 1] tensors) and S = sum_b g_b:
+    d div / du_j = g_j - Q_j S for a top-k token j, Q_j (g_rest / Q~_rest - S) for any other.
+    """
+    log_q = _log_softmax(z, cfg.temperature)
+    log_pb, log_qb = cached_buckets(log_q, cached)
+    with torch.enable_grad():
+        leaf = log_qb.detach().requires_grad_()
+        d = divergence_rows(log_pb, leaf, cfg.divergence, cfg.jsd_beta)
+        (g,) = torch.autograd.grad(d.sum(), leaf)
+    total = g.sum(1, keepdim=True)
+    q = log_q.exp_()
+    q_top = q.gather(1, cached.ids)
+    k = cached.ids.shape[1]
+    if k < q.shape[1]:  # the rest bucket's share, then the top-k entries overwritten
+        q.mul_(g[:, k:] / log_qb[:, k:].exp() - total)
+    return d.detach(), q.scatter_(1, cached.ids, g[:, :k] - q_top * total)
+
+
 def _chunk_terms(
     z: torch.Tensor,
     targets: torch.Tensor,
     mle_w: torch.Tensor,
-    t: torch.Tensor | None,
+    t: torch.Tensor | TeacherTopK | None,
     dist_w: torch.Tensor,
     cfg: _Fused,
     need_grad: bool,
@@ -640,14 +740,16 @@ def _chunk_terms(
 
     z [rows, V]: the student's (softcapped) logits; when need_grad it is overwritten in place by
     d(mle + lambda * distill)/d(pre-softcap logits). mle_w: per-row MLE weight (kept /
-    denominator). The first len(t) rows are distilled against teacher logits t, weighted by
-    dist_w (= 1 / distilled denominator). Elementwise work runs over blocks of rows.
+    denominator). The first len(t) rows are distilled against teacher logits t (or a cached
+    TeacherTopK), weighted by dist_w (= 1 / distilled denominator). Elementwise work runs over
+    blocks of rows.
     """
-    n_d = 0 if t is None else t.shape[0]
+    cached = isinstance(t, TeacherTopK)
+    n_d = 0 if t is None else _n_rows(t)
     tau, cap = cfg.temperature, cfg.softcap
     # Forward KL at tau = 1 (the default) shares the student's softmax Q with the MLE term: the
     # rows' gradient is Q (w + c) - c P - w onehot, and P lives in z's rows (spent by then).
-    share = cfg.divergence == "forward_kl" and tau == 1
+    share = cfg.divergence == "forward_kl" and tau == 1 and not cached
     low = torch.finfo(z.dtype).min
     coef_d = tau * cfg.distill_weight * dist_w  # d(tau^2 div)/dz = tau d div/du
     nll = z.new_empty(z.shape[0])
@@ -665,6 +767,10 @@ def _chunk_terms(
             p = torch.exp(log_p, out=zb[:k])  # zb's logits are spent: reuse them for P
             dist_sum += _rowdot(p, log_p.sub_(log_q[:k]).clamp_(min=low)).sum()
             del log_p
+        elif k and cached:
+            d, extra = _cached_divergence_and_grad(zb[:k], t.rows(slice(r0, r0 + k)), cfg)
+            dist_sum += tau * tau * d.sum()
+            extra.mul_(coef_d)
         elif k:
             d, extra = _divergence_and_grad(zb[:k], t[r0 : r0 + k], cfg)
             dist_sum += tau * tau * d.sum()
@@ -689,7 +795,7 @@ def _fused_pass(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    t_h: torch.Tensor | None,
+    t_h: torch.Tensor | TeacherTopK | None,
     t_weight: torch.Tensor | None,
     t_bias: torch.Tensor | None,
     targets: torch.Tensor,
@@ -703,11 +809,12 @@ def _fused_pass(
     Returns ([mle, distill] in the compute dtype, nll [R], (grad_h, grad_weight, grad_bias)).
     The weight gradient is accumulated in place in one [V, H] buffer of the weight's dtype.
     Live per chunk: the student logits (turned into their gradient in place), the teacher's
-    logits for distilled rows, and row-block temporaries.
+    logits for distilled rows, and row-block temporaries. t_h: the distilled rows' teacher hidden
+    states, or their cached TeacherTopK.
     """
     dtype = _compute_dtype(h)
     need_h, need_w, need_b = needs
-    n_rows, n_d = h.shape[0], 0 if t_h is None else t_h.shape[0]
+    n_rows, n_d = h.shape[0], 0 if t_h is None else _n_rows(t_h)
     grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if need_h else None
     grad_w = torch.zeros_like(weight) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=h.device) if need_b else None
@@ -721,7 +828,9 @@ def _fused_pass(
         for s0, s1 in _spans(r1 - r0, split):
             a, b = r0 + s0, r0 + s1
             t = None
-            if a < n_d:
+            if a < n_d and isinstance(t_h, TeacherTopK):
+                t = t_h.rows(slice(a, min(b, n_d)))
+            elif a < n_d:
                 t = _head_logits(t_h[a : min(b, n_d)], t_weight, t_bias, cfg.teacher_softcap)
             nll[a:b], mle_sum, dist_sum = _chunk_terms(
                 z[s0:s1], targets[a:b], mle_w[a:b], t, dist_w, cfg, any(needs), block
@@ -759,7 +868,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(*grads)
         ctx.h_dtype = h.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.check = cfg.distill_weight > 0 and t_h is not None and t_h.shape[0] > 0
+        ctx.check = cfg.distill_weight > 0 and t_h is not None and _n_rows(t_h) > 0
         ctx.distill_weight = cfg.distill_weight
         ctx.mark_non_differentiable(nll)
         return sums, nll
@@ -841,12 +950,14 @@ def token_loss_chunked(
     generator: torch.Generator | None = None,
     chunk_size: int = 1024,
     *,
+    cached_teacher: TeacherTopK | None = None,
     distributed: bool = True,
 ) -> TokenLoss:
     """``token_loss(head.logits(hidden), ...)`` without ever holding [B, T, V] logits.
 
     hidden [B, T, H]: the student's final (normed) hidden states, grad-carrying; teacher_hidden
-    the teacher's (detached); teacher_head defaults to head. Valid positions are gathered to
+    the teacher's (detached); teacher_head defaults to head; or, instead of both, the teacher's
+    cached top-k at the valid positions (``cached_teacher``, see ``TeacherTopK``). Valid positions are gathered to
     [N, H]. Pass 1 (no grad, skipped when rho = 0 or select=random) scores every token chunk by
     chunk; selection then sees all N scores (same function, scope and ranks as token_loss).
     (With select=random and rho > 0, rows neither kept nor distilled get a no-grad NLL pass so
@@ -864,9 +975,9 @@ def token_loss_chunked(
     """
     spec = parse_objective(objective)
     _check_chunked_inputs(hidden, labels, head, chunk_size)
-    if spec.needs_teacher and teacher_hidden is None:
+    if spec.needs_teacher and teacher_hidden is None and cached_teacher is None:
         raise ValueError(
-            "teacher_hidden is required: objective has "
+            "teacher_hidden or cached_teacher is required: objective has "
             f"distill_weight={spec.distill_weight}, select={spec.select!r}"
         )
     teacher_head = teacher_head or head
@@ -874,6 +985,9 @@ def token_loss_chunked(
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     targets = labels[b_idx, t_idx]
     _check_labels(labels, targets, head.weight.shape[0])
+    cached = cached_teacher if spec.needs_teacher and teacher_hidden is None else None
+    if cached is not None:
+        _check_cached(cached, targets.shape[0])
 
     def gather(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [n, H] of x predicting the valid labels (all, or those at idx)."""
@@ -881,11 +995,14 @@ def token_loss_chunked(
 
     nll_flat, flat_scores = None, None
     if spec.mask_ratio > 0 and spec.select != "random":
-        t_all = gather(teacher_hidden.detach()) if spec.select == "excess" else None
+        select = "nll" if spec.select == "excess" and cached is not None else spec.select
+        t_all = gather(teacher_hidden.detach()) if select == "excess" else None
         nll_flat, flat_scores = _score_pass(
-            gather(hidden.detach()), t_all, targets, head, teacher_head, spec.select, chunk_size
+            gather(hidden.detach()), t_all, targets, head, teacher_head, select, chunk_size
         )
         del t_all
+        if select != spec.select:  # excess from the cached teacher NLL
+            flat_scores = nll_flat - cached.nll.to(nll_flat)
     scores = _scores_from(spec, labels, valid, flat_scores, generator)
     kept = select_kept(scores, valid, spec, distributed=distributed)
     distilled = _distill_mask(spec, valid, kept)
@@ -909,7 +1026,9 @@ def token_loss_chunked(
         distill_weight=spec.distill_weight,
         chunk=chunk_size,
     )
-    t_rows = gather(teacher_hidden.detach(), d_rows) if spec.distill_weight > 0 else None
+    t_rows = None
+    if spec.distill_weight > 0:
+        t_rows = cached.rows(d_rows) if cached else gather(teacher_hidden.detach(), d_rows)
     t_w = teacher_head.weight.detach()
     t_b = None if teacher_head.bias is None else teacher_head.bias.detach()
     args = (
@@ -959,6 +1078,12 @@ def token_loss_chunked(
         global_kept=g_kept,
         global_distilled=g_dist,
     )
+
+
+def _check_cached(cached: TeacherTopK | None, n_valid: int) -> None:
+    if cached is None or cached.nll.shape[0] != n_valid:
+        got = None if cached is None else cached.nll.shape[0]
+        raise ValueError(f"cached_teacher must cover the {n_valid} valid positions, got {got}")
 
 
 def _check_chunked_inputs(

@@ -86,6 +86,16 @@ def run_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["runs_dir"]).expanduser() / f"{run_slug(cfg)}-{run_id(cfg)}"
 
 
+def objective_variant(obj: Mapping[str, Any]) -> str:
+    """The objective with the knobs that tell its settings apart, e.g. masked_mle_distill-r0.5-l0.3."""
+    parts = [str(obj["name"])]
+    if float(obj["mask_ratio"]) > 0:
+        parts.append(f"r{float(obj['mask_ratio']):g}")
+    if float(obj["distill_weight"]) > 0:
+        parts.append(f"l{float(obj['distill_weight']):g}")
+    return "-".join(parts)
+
+
 def run_summary(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Flat keys to filter and group runs by (tables, W&B)."""
     obj = cfg["objective"]
@@ -93,6 +103,7 @@ def run_summary(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "model": cfg["model"]["name"],
         "dataset": cfg["dataset"]["name"],
         "objective": obj["name"],
+        "variant": objective_variant(obj),
         "mask_ratio": float(obj["mask_ratio"]),
         "distill_weight": float(obj["distill_weight"]),
         "seed": int(cfg["seed"]),

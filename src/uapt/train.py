@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from uapt import checkpoint, distributed, evaluation, fsdp, records
+from uapt import checkpoint, distributed, evaluation, fsdp, records, teacher_cache
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
@@ -74,12 +74,14 @@ class BatchStream:
             self._perms = {epoch: torch.randperm(len(self.dataset), generator=gen).tolist()}
         return self._perms[epoch][offset]
 
-    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+    def rows(self, k: int) -> list[dict[str, Any]]:
         """This rank's share of global micro-batch k (ranks split it in order)."""
         size = self.micro_batch_size
         start = (k * self.world_size + self.rank) * size
-        rows = [self.dataset[self._index(p)] for p in range(start, start + size)]
-        return collate(rows, self.pad_id)
+        return [self.dataset[self._index(p)] for p in range(start, start + size)]
+
+    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        return collate(self.rows(k), self.pad_id)
 
 
 def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:
@@ -117,15 +119,31 @@ def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.
 # ----------------------------------------------------------------------------- the loss
 def forward_loss(
     model: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
     batch: Mapping[str, torch.Tensor],
     objective: Mapping[str, Any],
     generator: torch.Generator | None,
     bare: torch.nn.Module | None = None,
 ) -> TokenLoss:
     """The objective on one micro-batch. `model` runs forward (it may be a DDP wrapper); `bare`
-    is the unwrapped model whose output layer the chunked path applies itself."""
+    is the unwrapped model whose output layer the chunked path applies itself. The teacher is
+    the frozen model (live) or a TeacherCache (read, never run)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if isinstance(teacher, teacher_cache.TeacherCache):
+        cached = teacher.lookup(batch)
+        if objective.get("chunk_size"):
+            hidden = hidden_states(model, ids, mask)
+            return token_loss_chunked(
+                hidden,
+                labels,
+                objective,
+                output_head(bare or model),
+                generator=generator,
+                chunk_size=objective["chunk_size"],
+                cached_teacher=cached,
+            )
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return token_loss(logits, labels, objective, generator=generator, cached_teacher=cached)
     if objective.get("chunk_size"):
         hidden = hidden_states(model, ids, mask)
         teacher_hidden = teacher_head = None
@@ -375,7 +393,7 @@ class Components:
     data_stats: dict[str, Any]
     model: torch.nn.Module  # the bare model (what is saved and evaluated; sharded under FSDP)
     runner: torch.nn.Module  # what runs forward in training: the model or its DDP wrapper
-    teacher: torch.nn.Module | None
+    teacher: torch.nn.Module | teacher_cache.TeacherCache | None
 
 
 def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World) -> Components:
@@ -386,8 +404,31 @@ def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World
     torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
     model.train()
-    teacher = make_teacher(model, cfg["model"]) if needs_teacher(cfg["objective"]) else None
+    teacher = None
+    if needs_teacher(cfg["objective"]) and cfg["objective"].get("teacher") == "cached":
+        teacher = teacher_cache.open_cache(model, cfg["objective"], cfg["cache_dir"])
+    elif needs_teacher(cfg["objective"]):
+        teacher = make_teacher(model, cfg["model"])
     return Components(tokenizer, train_set, val_set, stats, model, model, teacher)
+
+
+def fill_teacher_cache(
+    cfg: Mapping[str, Any], parts: Components, stream: BatchStream, accumulation: int
+) -> None:
+    """Compute every row this rank will read from the teacher cache and that is not there yet
+    (its training rows and the probe batch). Runs before any step or checkpoint load, while
+    the model still holds the initial weights: the teacher."""
+    cache = parts.teacher
+    if not isinstance(cache, teacher_cache.TeacherCache):
+        return
+    micro_batches = cfg["trainer"]["max_steps"] * accumulation
+    rows = [row for k in range(micro_batches) for row in stream.rows(k)]
+    size = stream.micro_batch_size
+    rows += [parts.val_set[i] for i in range(min(size, len(parts.val_set)))]  # the probe
+    cache.fill(parts.model, rows, size, stream.pad_id)
+    log.info(
+        "teacher cache %s: %d rows computed, %d reused", cache.folder, cache.computed, cache.reused
+    )
 
 
 def parallelize(
@@ -440,10 +481,6 @@ def train(
     seed_everything(cfg["seed"], trainer_cfg["deterministic"])
     started = time.perf_counter()
     parts = build(cfg, device, world)
-    base = base_model_scores(cfg, parts, device) if world.is_main else {}
-    distributed.barrier(world)
-    parallelize(cfg, parts, device, world)
-
     pad = parts.tokenizer.pad_token_id
     stream = BatchStream(
         parts.train_set,
@@ -454,6 +491,11 @@ def train(
         world.world_size,
     )
     accumulation = accumulation_steps(trainer_cfg, world.world_size)
+    fill_teacher_cache(cfg, parts, stream, accumulation)
+    base = base_model_scores(cfg, parts, device) if world.is_main else {}
+    distributed.barrier(world)
+    parallelize(cfg, parts, device, world)
+
     loop = Trainer(cfg, parts.runner, parts.teacher, stream, device, accumulation, world)
     probe = next(eval_batches(parts.val_set, trainer_cfg["micro_batch_size"], pad, 1), None)
     loop.probe = probe and {k: v.to(device) for k, v in probe.items()}
@@ -464,6 +506,7 @@ def train(
             model_source=model_source(parts.model),
             data=parts.data_stats,
             resumed_from_step=loop.step or None,
+            teacher_cache=teacher_cache.describe(parts.teacher),
             timings={"setup_s": round(time.perf_counter() - started, 2)},
         )
 
