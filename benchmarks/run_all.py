@@ -44,6 +44,7 @@ BENCHMARKS = (
     Benchmark("trainer_throughput", "trainer_throughput.py"),
     Benchmark("eval_inprocess", "eval_inprocess.py"),
     Benchmark("grid_walltime", "grid_walltime.py"),
+    Benchmark("teacher_topk_gap", "teacher_topk_gap.py"),
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
     Benchmark(
@@ -176,6 +177,18 @@ def rows_grid_walltime(p: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_teacher_topk_gap(p: dict[str, Any]) -> list[Row]:
+    return [
+        [
+            f"cached top-{r['k']} KL / exact KL ({p['model']}, {p['tokens']} tokens)",
+            f"{r['ratio']:.3f} (gradient cosine {r['grad_cosine']:.3f})",
+            "(reported)",
+            "",
+        ]
+        for r in p["results"]
+    ]
+
+
 def rows_loss_memory(p: dict[str, Any]) -> list[Row]:
     try:
         from loss_memory import TARGETS
@@ -201,6 +214,7 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "eval_inprocess": rows_eval_inprocess,
     "grid_walltime": rows_grid_walltime,
     "loss_memory": rows_loss_memory,
+    "teacher_topk_gap": rows_teacher_topk_gap,
 }
 
 
@@ -236,6 +250,7 @@ The benchmarks:
 | `eval_inprocess.py` | wall time of `lm-eval run` on a saved model (subprocess, includes start-up, task index and model load) / `uapt.evaluation.run_suite` on the in-memory model, same task (arith); scores and generations must agree | none (how much in-process saves) |
 | `grid_walltime.py` | wall time of `uapt-train -m` over 4 objectives x 2 seeds on the tiny model, live vs cached teacher | cached < live |
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
+| `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
 Reproduce: `python benchmarks/run_all.py` (about 15 minutes on 2 busy cores), or one benchmark:
 `python benchmarks/<name>.py [--quick] [--json out.json] [--rounds N] [--threads N]`.

@@ -147,6 +147,24 @@ def test_grid_walltime_quick(out_dir):
     assert ("cached" in result["grids"]) == payload["cached_teacher"]["available"]
 
 
+def test_teacher_topk_gap_quick(out_dir):
+    payload, stdout = run_quick("teacher_topk_gap", out_dir, "--out", str(out_dir / "gap"))
+    check_machine(payload)
+    results = payload["results"]
+    assert [r["k"] for r in results] == [4, 16, 64] and payload["tokens"] > 0
+    assert len({r["kl_exact"] for r in results}) == 1 and results[0]["kl_exact"] > 0
+    # each top-k partition refines the one before: the bucketed KL can only grow toward the
+    # exact one (data processing inequality), and the teacher's rest mass only shrink
+    ratios = [r["ratio"] for r in results]
+    assert 0 < ratios[0] <= ratios[1] <= ratios[2] <= 1 + 1e-9
+    rest = [r["teacher_rest_mass"] for r in results]
+    assert 1 > rest[0] >= rest[1] >= rest[2] > 0
+    assert all(-1 <= r["grad_cosine"] <= 1 for r in results)
+    assert "cached / exact" in stdout
+    rows = run_all.rows_teacher_topk_gap(payload)
+    assert len(rows) == 3 and rows[0][0].startswith("cached top-4 KL / exact KL (tiny")
+
+
 def test_run_all_renders_every_summary(overhead, throughput, tmp_path):
     outcomes = [
         run_all.Outcome(bench, ["python", "-", "--quick", "--json", "x"], 1.0, 0, stdout, "", p)

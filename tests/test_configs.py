@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from uapt.config import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "dataset", "objective", "trainer", "eval", "logger"]
+GROUPS = ["model", "dataset", "objective", "trainer", "eval", "logger", "variant"]
 
 
 def compose_plain(overrides: list[str]) -> dict:
@@ -28,6 +28,42 @@ def group_options(group: str) -> list[str]:
 def test_every_config_file_composes_and_validates(override, tmp_path):
     cfg = compose_plain([override, f"runs_dir={tmp_path}"])
     validate(cfg)
+
+
+def sweep_points(sweep: str) -> list[list[str]]:
+    """Each value of each swept parameter once (the others at their first value)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    first = {k: values[0] for k, values in params.items()}
+    points = [{**first, key: value} for key, values in params.items() for value in values]
+    return [[f"{k}={v}" for k, v in point.items()] for point in points]
+
+
+@pytest.mark.parametrize("sweep", group_options("sweep"))
+def test_every_sweep_point_composes_and_validates(sweep, tmp_path):
+    for point in sweep_points(sweep):
+        validate(compose_plain([f"sweep={sweep}", *point, f"runs_dir={tmp_path}"]))
+
+
+def test_variants_set_the_knobs_they_are_named_after():
+    from uapt.records import objective_variant
+
+    expect = {  # file -> (objective, rho, lambda, the summary's variant label)
+        "mle": ("mle", 0.0, 0.0, "mle"),
+        "masked_mle_r05": ("masked_mle", 0.5, 0.0, "masked_mle-r0.5"),
+        "masked_mle_r08": ("masked_mle", 0.8, 0.0, "masked_mle-r0.8"),
+        "self_distill_l1": ("self_distill", 0.0, 1.0, "self_distill-l1"),
+        "masked_mle_distill_r05_l1": ("masked_mle_distill", 0.5, 1.0, "masked_mle_distill-r0.5-l1"),
+        "masked_mle_distill_r05_l03": (
+            "masked_mle_distill", 0.5, 0.3, "masked_mle_distill-r0.5-l0.3"
+        ),
+    }  # fmt: skip
+    assert set(group_options("variant")) == set(expect)
+    for name, (objective, rho, lam, label) in expect.items():
+        obj = compose_plain([f"variant={name}"])["objective"]
+        assert (obj["name"], obj["mask_ratio"], obj["distill_weight"]) == (objective, rho, lam)
+        assert objective_variant(obj) == label
 
 
 def test_objective_variants_have_documented_semantics():

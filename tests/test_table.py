@@ -308,6 +308,9 @@ def _write_run(folder: Path, summary: dict, eval_: dict, eval_base: dict, val_lo
         "eval": eval_, "eval_base": eval_base,
     }  # fmt: skip
     (folder / "run.json").write_text(json.dumps(record))
+    curve_keys = ("val/loss", "kept_overlap", "nll/kept", "nll/unkept")
+    rows = [{"step": step, **{k: val_loss + 1 / step for k in curve_keys}} for step in (1, 2, 3)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _synthetic_runs(exp, root: Path) -> int:
@@ -319,6 +322,12 @@ def _synthetic_runs(exp, root: Path) -> int:
     for value in exp.column.expected():
         v = {"objective": "masked_mle_distill", "mask_ratio": 0.5, "distill_weight": 1.0}
         v[column] = value
+        if column == "variant":  # e.g. masked_mle_distill-r0.5-l0.3: the knobs it names
+            name, *knobs = value.split("-")
+            knob = {k[0]: float(k[1:]) for k in knobs}
+            v.update(
+                objective=name, mask_ratio=knob.get("r", 0.0), distill_weight=knob.get("l", 0.0)
+            )
         variants.append(v)
         if any(a.name == "distill_weight" for a in exp.rows):
             variants.append({**v, "distill_weight": 0.0})
@@ -380,3 +389,55 @@ def test_operators_list_paths_labels_and_a_single_row_group(tmp_path):
     assert "| metric | SFT | self_distill |" in md
     assert "| IFEval | 42.0 ± 2.0 | missing (1 running) |" in md
     assert "| GSM8K | 22.0 ± 2.0 | missing (1 running) |" in md
+
+
+def test_curve_plots_mean_and_band_over_seeds_per_column(tmp_path):
+    rows = {  # (variant, seed) -> val/loss per step; s1 of "b" misses step 3 (killed)
+        ("a", 0): {1: 2.0, 2: 1.0, 3: 0.5},
+        ("a", 1): {1: 4.0, 2: 3.0, 3: 1.5},
+        ("b", 0): {1: 1.0, 2: 0.8, 3: 0.7},
+        ("b", 1): {1: 3.0, 2: 1.2},
+    }
+    for (variant, seed), curve in rows.items():
+        folder = tmp_path / "runs" / f"{variant}-s{seed}-{seed:010d}"
+        summary = {"model": "tiny", "dataset": "arith", "variant": variant, "seed": seed,
+                   "experiment": "curves"}  # fmt: skip
+        _write_run(folder, summary, {}, {}, 0.0)
+        lines = [json.dumps({"step": s, "val/loss": v}) for s, v in curve.items()]
+        (folder / "metrics.jsonl").write_text("\n".join([*lines, '{"step": 9, "val/lo']))
+    exp_path = tmp_path / "curves.yaml"
+    exp_path.write_text(
+        "title: curves\nruns: {experiment: curves}\nrows: [model]\n"
+        "columns: {field: variant, values: [a, b]}\n"
+        "cells: [{label: val, path: metrics.val/loss}]\n"
+        "plots: [{kind: curve, metric: val/loss, file: c.png}]\n"
+    )
+    runs, _ = load_runs([tmp_path / "runs"])
+    from matplotlib.figure import Figure
+
+    from uapt.table import _draw_curve
+
+    spec = load_experiment(exp_path).plots[0]
+    fig = Figure()
+    assert _draw_curve(fig, spec, runs, [])
+    (ax,) = fig.axes
+    drawn = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+    }
+    # by hand: means over the two seeds at the steps both logged (b: steps 1 and 2 only)
+    assert drawn == {"a (n=2)": ([1, 2, 3], [3.0, 2.0, 1.0]), "b (n=2)": ([1, 2], [2.0, 1.0])}
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    std_a1 = statistics.stdev([2.0, 4.0])
+    assert min(band) == pytest.approx(min(3.0 - std_a1, 1.0 - statistics.stdev([0.5, 1.5])))
+    written, notes = make_plots(load_experiment(exp_path), runs, tmp_path / "plots")
+    assert [p.name for p in written] == ["c.png"] and notes == []
+
+
+def test_curve_metric_must_be_a_metrics_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "title: t\nrows: []\ncolumns: {field: variant}\ncells: [{label: v, path: metrics.x}]\n"
+        "plots: [{kind: curve, metric: 3}]\n"
+    )
+    with pytest.raises(ExperimentError, match=r"expected a metrics\.jsonl key"):
+        load_experiment(path)

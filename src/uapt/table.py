@@ -28,7 +28,7 @@ import yaml
 from uapt.records import semantic_config
 
 FORMATS = ("rich", "markdown", "csv", "latex")
-PLOT_KINDS = ("mask_ratio", "distill_weight", "id_vs_ood")
+PLOT_KINDS = ("mask_ratio", "distill_weight", "id_vs_ood", "curve")
 OPS = ("eq", "ne", "in", "not_in", "gt", "ge", "lt", "le")
 # Bare field names resolve to summary.<name>, except these top-level record fields.
 TOP_LEVEL_FIELDS = ("id", "slug", "status")
@@ -672,6 +672,7 @@ def _parse_plots(
         "mask_ratio": "distill_weight",
         "distill_weight": "mask_ratio",
         "id_vs_ood": "objective",
+        "curve": column.name,
     }
     out = []
     for i, item in enumerate(node):
@@ -699,7 +700,11 @@ def _parse_plots(
         metrics = []
         for key in keys:
             m = item[key]
-            if isinstance(m, str):
+            if kind == "curve":  # a column of the runs' metrics.jsonl, not a cell
+                if not isinstance(m, str) or not m:
+                    c.fail(f"{w}.metric", "expected a metrics.jsonl key, e.g. val/loss", line)
+                metrics.append(Metric(m, ((m,),), 1.0, 3))
+            elif isinstance(m, str):
                 if m not in by_label:
                     c.fail(
                         f"{w}.{key}",
@@ -1322,7 +1327,7 @@ def make_plots(
     written, notes, used = [], [], set()
     for i, spec in enumerate(exp.plots):
         fig = Figure(layout="constrained")
-        drawer = _draw_id_vs_ood if spec.kind == "id_vs_ood" else _draw_sweep
+        drawer = {"id_vs_ood": _draw_id_vs_ood, "curve": _draw_curve}.get(spec.kind, _draw_sweep)
         if not drawer(fig, spec, done, notes):
             notes.append(f"plots[{i}] ({spec.kind}): no completed run has the data; not written.")
             continue
@@ -1421,6 +1426,61 @@ def _draw_sweep(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str])
         ax.legend(fontsize=8)
     title = spec.title or f"{metric.label} vs {_AXIS_LABELS[spec.kind]} (± std over seeds)"
     fig.suptitle(title, fontsize=11)
+    return True
+
+
+def _curve(run: Run, key: str) -> dict[int, float]:
+    """step -> value of one metrics.jsonl column (finite values only; {} without the file)."""
+    path = run.folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    points = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: the rest of the file still counts
+        value = row.get(key) if isinstance(row, dict) else None
+        if _is_number(value) and math.isfinite(value) and _is_number(row.get("step")):
+            points[int(row["step"])] = float(value)
+    return points
+
+
+def _draw_curve(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str]) -> bool:
+    """A metrics.jsonl column against the step: one line per `by` value, mean ± std over seeds
+    (the band) at the steps every run of the line logged."""
+    key = spec.metrics[0].label
+    curves = {r.folder: _curve(r, key) for r in runs}
+    usable = [r for r in runs if curves[r.folder] and spec.by.key(r.data) is not _MISSING]
+    if not usable:
+        return False
+    for ax, title, panel_runs in _panels(fig, spec, usable):
+        lines: dict[Any, list[Run]] = defaultdict(list)
+        for r in panel_runs:
+            lines[spec.by.key(r.data)].append(r)
+        for line_key in spec.by.order(lines):
+            rs = lines.get(line_key)
+            steps = sorted(set.intersection(*(set(curves[r.folder]) for r in rs))) if rs else []
+            if not steps:
+                continue
+            stats = [_stats([curves[r.folder][s] for r in rs]) for s in steps]
+            mean = [m for m, _ in stats]
+            label = f"{spec.by.display(line_key, True)} (n={len(rs)})"
+            (drawn,) = ax.plot(steps, mean, marker="." if len(steps) < 30 else None, label=label)
+            if len(rs) > 1:
+                ax.fill_between(
+                    steps,
+                    [m - sd for m, sd in stats],
+                    [m + sd for m, sd in stats],
+                    color=drawn.get_color(),
+                    alpha=0.15,
+                )
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(spec.title or f"{key} over training (mean ± std over seeds)", fontsize=11)
     return True
 
 
