@@ -67,6 +67,24 @@ def test_semantic_changes_change_the_id(section, key, value):
     assert records.run_id(cfg) != records.run_id(base_cfg())
 
 
+def test_teacher_knobs_count_only_for_a_cached_teacher():
+    def run_id(**objective) -> str:
+        cfg = base_cfg()
+        cfg["objective"].update(objective)
+        return records.run_id(cfg)
+
+    distil = {"distill_weight": 1.0}
+    # live (the default) or no teacher at all: the id is the one from before these options
+    assert run_id(teacher="live", teacher_topk=16) == run_id()
+    assert run_id(teacher="cached", teacher_topk=16) == run_id()  # masked_mle needs no teacher
+    assert run_id(**distil, teacher="live", teacher_topk=16) == run_id(**distil)
+    # a cached teacher is another approximation, and k another one
+    cached = run_id(**distil, teacher="cached", teacher_topk=16)
+    assert cached != run_id(**distil)
+    assert cached != run_id(**distil, teacher="cached", teacher_topk=64)
+    assert run_id(select="excess", teacher="cached", teacher_topk=16) != run_id(select="excess")
+
+
 def test_slug_and_dir():
     cfg = base_cfg()
     assert records.run_slug(cfg) == "tiny-arith-masked_mle-r0.5-l0-s0"

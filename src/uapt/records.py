@@ -57,7 +57,17 @@ def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         for key in NON_SEMANTIC.get(section, ()):
             node.pop(key, None)
         out[section] = node
+    _drop_unused_teacher_keys(out["objective"])
     return out
+
+
+def _drop_unused_teacher_keys(objective: dict[str, Any]) -> None:
+    """The cached teacher's knobs count only when a cached teacher runs: a live-teacher (or
+    teacher-less) run has the id it had before these options existed, and k does not split it."""
+    needs = float(objective.get("distill_weight") or 0) > 0 or objective.get("select") == "excess"
+    if not needs or objective.get("teacher", "live") == "live":
+        objective.pop("teacher", None)
+        objective.pop("teacher_topk", None)
 
 
 def run_id(cfg: Mapping[str, Any]) -> str:
