@@ -75,8 +75,9 @@ def train_student(sizes: dict[str, Any], out: Path) -> Path:
     cmd = [sys.executable, "-m", "uapt.train", *overrides]
     log("teacher_topk_gap: training the student: uapt-train " + " ".join(overrides))
     subprocess.run(cmd, cwd=REPO, env=subprocess_env(), check=True, capture_output=True)
-    (model,) = runs.glob("*/model")
-    return model
+    from uapt.records import run_dir
+
+    return run_dir(compose(overrides)) / "model"  # a second call finds the run complete
 
 
 def teacher_and_student(sizes: dict[str, Any], student_path: Path):
