@@ -252,6 +252,21 @@ The benchmarks:
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
+Two targets are out of reach by construction, whatever the machine:
+
+- **Cached teacher on the tiny model (<= 1.10).** A cached teacher removes the teacher's forward
+  pass, nothing else. On the tiny model that forward is a small part of the step: the objective's
+  own work on the vocabulary (the selection pass that scores every token before any loss term,
+  and the KL) dominates, so masked_mle_distill / mle stays near the live figure. On SmolLM2, where
+  the teacher's forward is the cost, the cached ratio is about 1.0.
+- **Chunked CE+KL memory <= 1/8 of naive with a trained head.** Both losses hand autograd one
+  gradient of the output layer's weight, a [V, H] temporary that autograd then adds into the
+  pre-allocated `.grad` (`grad_tmp_mb` in loss_memory's output). The chunked path builds it in
+  place, chunk by chunk, but cannot skip it without writing `.grad` itself, which would bypass
+  DDP's gradient hooks. At Gemma-2's head (256k x 2,304, fp32) that temporary alone is 2.4 GB,
+  about a fifth of what the naive loss adds at 2,048 tokens, so the ratio cannot reach 1/8. With
+  a frozen head (LoRA) it vanishes: `loss_memory.py --frozen-head`.
+
 Reproduce: `python benchmarks/run_all.py` (about 15 minutes on 2 busy cores), or one benchmark:
 `python benchmarks/<name>.py [--quick] [--json out.json] [--rounds N] [--threads N]`.
 `--quick` runs smoke-test sizes (tests/test_benchmarks.py runs them and checks the JSON).
