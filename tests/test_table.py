@@ -441,3 +441,15 @@ def test_curve_metric_must_be_a_metrics_key(tmp_path):
     )
     with pytest.raises(ExperimentError, match=r"expected a metrics\.jsonl key"):
         load_experiment(path)
+
+
+def test_the_published_cpu_reproduction_is_regenerated_from_its_records():
+    """docs/results/cpu_repro.md quotes this table: the committed records must still give it."""
+    exp = load_experiment(REPO / "experiments" / "cpu_repro.yaml")
+    runs, problems = load_runs([REPO / "docs" / "results" / "cpu_repro" / "runs"])
+    assert len(runs) == 12 and problems == []
+    md = to_markdown(build_table(exp, runs, problems))
+    assert "| arith EM | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8) |" in md
+    assert "missing" not in md and "n = 2 per cell" in md
+    doc = (REPO / "docs" / "results" / "cpu_repro.md").read_text()
+    assert "| arith EM (ID) | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8) |" in doc
