@@ -207,6 +207,16 @@ def test_a_grid_computes_the_teacher_once_and_matches_the_live_teacher(tmp_path)
     # term is ~1e-3 here, a difference of nearly equal distributions, so compared absolutely)
     for key in ("train/loss", "val/loss"):
         assert first["metrics"][key] == pytest.approx(live["metrics"][key], rel=1e-5)
+    # the full-logits path of the loop reads the same cache and computes the same loss
+    naive_dir = tmp_path / "naive"
+    naive = [a for a in common if not a.startswith("runs_dir=")]
+    naive += [f"runs_dir={naive_dir}", "objective.teacher=cached", vocab_wide]
+    train(*naive, "objective.chunk_size=0", check=True)
+    (naive_record,) = records(naive_dir)
+    assert naive_record["teacher_cache"]["rows_computed"] == 0
+    assert naive_record["metrics"]["train/loss"] == pytest.approx(
+        first["metrics"]["train/loss"], rel=1e-5
+    )
     distill = first["metrics"]["train/loss/distill"]
     assert distill > 0
     assert distill == pytest.approx(live["metrics"]["train/loss/distill"], abs=1e-6)

@@ -129,21 +129,9 @@ def forward_loss(
     is the unwrapped model whose output layer the chunked path applies itself. The teacher is
     the frozen model (live) or a TeacherCache (read, never run)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    cached = None
     if isinstance(teacher, teacher_cache.TeacherCache):
-        cached = teacher.lookup(batch)
-        if objective.get("chunk_size"):
-            hidden = hidden_states(model, ids, mask)
-            return token_loss_chunked(
-                hidden,
-                labels,
-                objective,
-                output_head(bare or model),
-                generator=generator,
-                chunk_size=objective["chunk_size"],
-                cached_teacher=cached,
-            )
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return token_loss(logits, labels, objective, generator=generator, cached_teacher=cached)
+        cached, teacher = teacher.lookup(batch), None
     if objective.get("chunk_size"):
         hidden = hidden_states(model, ids, mask)
         teacher_hidden = teacher_head = None
@@ -160,6 +148,7 @@ def forward_loss(
             teacher_head,
             generator,
             chunk_size=objective["chunk_size"],
+            cached_teacher=cached,
         )
     # transformers 5 builds a KV cache unless told not to
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -167,7 +156,7 @@ def forward_loss(
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return token_loss(logits, labels, objective, teacher_logits, generator)
+    return token_loss(logits, labels, objective, teacher_logits, generator, cached_teacher=cached)
 
 
 @torch.no_grad()
