@@ -45,7 +45,7 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
             flat = p.detach().reshape(-1)
             values = flat[:: max(1, flat.numel() // sample)].float().cpu()
             digest.update(
-                f"{name}:{tuple(p.shape)}:{p.dtype}:{float(flat.double().sum())!r}".encode()
+                f"{name}:{tuple(p.shape)}:{p.dtype}:{float(flat.sum(dtype=torch.float64))!r}".encode()
             )
             digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:16]
