@@ -119,11 +119,17 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> l
 
 
 def ratio_summary(
-    numerator: Sequence[float], denominator: Sequence[float], target: float, higher_is_better: bool
+    numerator: Sequence[float],
+    denominator: Sequence[float],
+    target: float | None,
+    higher_is_better: bool,
 ) -> dict[str, Any]:
-    """The paired ratio's median, range and whether its median meets the target."""
+    """The paired ratio's median, range and whether its median meets the target (None: no
+    target, a figure to report)."""
     spread = Spread.of(paired_ratios(numerator, denominator))
-    met = spread.median >= target if higher_is_better else spread.median <= target
+    met = None
+    if target is not None:
+        met = spread.median >= target if higher_is_better else spread.median <= target
     return {
         **spread.as_dict(),
         "target": target,

@@ -169,7 +169,6 @@ def chunked(inputs: dict[str, Any], objective: dict, chunk_size: int) -> torch.T
         inputs["teacher_hidden"],
         teacher_head,
         chunk_size=chunk_size,
-        distributed=False,
     )
     result.total.backward()
     return result.total.detach()

@@ -75,19 +75,15 @@ def make_loop(cfg: dict[str, Any]):
 
     Every build seeds the initial weights with the run seed, so all variants start equal."""
     from uapt import distributed
-    from uapt.config import accumulation_steps, validate
-    from uapt.train import BatchStream, Trainer, build, pick_device, seed_everything
+    from uapt.config import validate
+    from uapt.train import Trainer, build, data_stream, pick_device, seed_everything
 
     validate(cfg)
     world = distributed.World()
     device = pick_device(cfg["trainer"]["device"], world)
     seed_everything(cfg["seed"], cfg["trainer"]["deterministic"])
     parts = build(cfg, device, world)
-    trainer = cfg["trainer"]
-    stream = BatchStream(
-        parts.train_set, trainer["micro_batch_size"], cfg["seed"], parts.tokenizer.pad_token_id
-    )
-    return Trainer(cfg, parts.runner, parts.teacher, stream, device, accumulation_steps(trainer, 1))
+    return Trainer(cfg, parts.runner, parts.teacher, data_stream(cfg, parts, world), device, world)
 
 
 def step_level(
@@ -118,7 +114,7 @@ def step_level(
 
 def _tokens_per_step(loop, steps: int) -> list[int]:
     """Attention-mask tokens of the batches the loops trained on (both saw the same ones)."""
-    acc = loop.accumulation
+    acc = loop.stream.accumulation
     return [
         sum(int(loop.stream.micro_batch(s * acc + m)["attention_mask"].sum()) for m in range(acc))
         for s in range(steps)

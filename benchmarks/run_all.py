@@ -45,6 +45,7 @@ BENCHMARKS = (
     Benchmark("eval_inprocess", "eval_inprocess.py"),
     Benchmark("grid_walltime", "grid_walltime.py"),
     Benchmark("teacher_topk_gap", "teacher_topk_gap.py"),
+    Benchmark("global_selection", "global_selection.py"),
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
     Benchmark(
@@ -208,7 +209,21 @@ def rows_loss_memory(p: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_global_selection(p: dict[str, Any]) -> list[Row]:
+    return [
+        [
+            f"scope=batch over the global batch / within micro-batches, {r['objective']} "
+            f"({r['model']}, {r['micro_batch_size']} x 2 rows)",
+            fmt_spread(r["ratio"]),
+            "(no target)",
+            "",
+        ]
+        for r in p["results"]
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "global_selection": rows_global_selection,
     "objective_overhead": rows_objective_overhead,
     "trainer_throughput": rows_trainer_throughput,
     "eval_inprocess": rows_eval_inprocess,
@@ -250,6 +265,7 @@ The benchmarks:
 | `eval_inprocess.py` | wall time of `lm-eval run` on a saved model (subprocess, includes start-up, task index and model load) / `uapt.evaluation.run_suite` on the in-memory model, same task (arith); scores and generations must agree | none (how much in-process saves) |
 | `grid_walltime.py` | wall time of `uapt-train -m` over 4 objectives x 2 seeds on the tiny model, live vs cached teacher | cached < live |
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
+| `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
 Two targets are out of reach by construction, whatever the machine:

@@ -69,7 +69,7 @@ def uapt_loop(cfg: dict[str, Any]):
     """uapt's Trainer with its pieces from uapt.train.build, as a run builds them."""
     from uapt import distributed
     from uapt.config import accumulation_steps, validate
-    from uapt.train import BatchStream, Trainer, build, pick_device, seed_everything
+    from uapt.train import Trainer, build, data_stream, pick_device, seed_everything
 
     validate(cfg)
     world = distributed.World()
@@ -79,10 +79,7 @@ def uapt_loop(cfg: dict[str, Any]):
     trainer = cfg["trainer"]
     if accumulation_steps(trainer, 1) != 1:
         raise ValueError("trainer_throughput compares without gradient accumulation")
-    stream = BatchStream(
-        parts.train_set, trainer["micro_batch_size"], cfg["seed"], parts.tokenizer.pad_token_id
-    )
-    return Trainer(cfg, parts.runner, None, stream, device, 1), parts
+    return Trainer(cfg, parts.runner, None, data_stream(cfg, parts, world), device, world), parts
 
 
 def stream_rows(stream, batches: range) -> list[dict[str, list[int]]]:

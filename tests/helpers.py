@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,3 +74,44 @@ def tiny_model_cfg() -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model=tiny"])
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+# ----------------------------------------------------------------------------- AdamW tolerances
+def adam_step_bound(betas: tuple[float, float], step: int) -> float:
+    """The largest |m_hat / sqrt(v_hat)| AdamW can produce at `step` (1-based), any gradients.
+
+    m_t = (1 - b1) sum_i b1^(t-i) g_i and v_t = (1 - b2) sum_i b2^(t-i) g_i^2, so by
+    Cauchy-Schwarz |m_t| <= (1 - b1) sqrt(sum_j (b1^2 / b2)^j / (1 - b2)) sqrt(v_t); the bias
+    corrections divide m by 1 - b1^t and v by 1 - b2^t.
+    """
+    b1, b2 = betas
+    series = sum((b1 * b1 / b2) ** j for j in range(step))
+    return (1 - b1) / (1 - b1**step) * math.sqrt((1 - b2**step) * series / (1 - b2))
+
+
+def adam_weight_tolerance(lr: float, betas: tuple[float, float], steps: int) -> float:
+    """The most one weight can differ between two AdamW runs whose gradients differ by rounding.
+
+    Where a gradient is far above its rounding error, both runs make the same update. Where it
+    is near zero, m / sqrt(v) is rounding noise and each run's update can land anywhere in
+    [-lr B_t, lr B_t] (B_t: adam_step_bound): 2 lr B_t per step (lr: the peak learning rate;
+    decoupled weight decay scales both runs' weights alike, a second-order difference).
+    """
+    return sum(2 * lr * adam_step_bound(betas, t) for t in range(1, steps + 1))
+
+
+# Rounding moves only weights whose gradient is near zero, a small share of the update's norm;
+# a gradient computed over other tokens, or applied to other weights, moves most of them.
+UPDATE_REL = 1e-3
+
+
+def assert_weights_close(got, want, initial, lr, betas, steps, label="") -> None:
+    """Trained weights of two runs that differ only by rounding: every element within the AdamW
+    bound, and the update (trained - initial) the same to UPDATE_REL in norm."""
+    bound = adam_weight_tolerance(lr, betas, steps)
+    assert got.keys() == want.keys(), label
+    for name, ref in want.items():
+        diff = got[name] - ref
+        assert diff.abs().max().item() <= bound, (label, name, diff.abs().max().item(), bound)
+        update = (ref - initial[name]).norm().item()
+        assert diff.norm().item() <= UPDATE_REL * update, (label, name, diff.norm().item(), update)

@@ -165,6 +165,23 @@ def test_teacher_topk_gap_quick(out_dir):
     assert len(rows) == 3 and rows[0][0].startswith("cached top-4 KL / exact KL (tiny")
 
 
+def test_global_selection_quick(out_dir):
+    payload, stdout = run_quick("global_selection", out_dir)
+    check_machine(payload)
+    assert [r["objective"] for r in payload["results"]] == [
+        "masked_mle (select nll)",
+        "rho1 (select excess)",
+    ]
+    for result in payload["results"]:
+        steps = result["step_s"]
+        assert len(steps["global"]) == len(steps["in_forward"]) == result["rounds"] == 2
+        ratio = result["ratio"]
+        assert ratio["median"] == pytest.approx(paired_median(steps["global"], steps["in_forward"]))
+        assert ratio["target"] is None and ratio["met"] is None  # a figure, no target
+    assert "global / in-forward" in stdout
+    assert len(run_all.rows_global_selection(payload)) == 2
+
+
 def test_run_all_renders_every_summary(overhead, throughput, tmp_path):
     outcomes = [
         run_all.Outcome(bench, ["python", "-", "--quick", "--json", "x"], 1.0, 0, stdout, "", p)

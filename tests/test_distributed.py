@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo) give the same per-step losses as one process with the same global batch."""
+"""`uapt-train` under torchrun (by hand, and by trainer.nproc): two CPU processes (gloo) log what
+one process logs for the same global batch (every split is checked in-process in
+test_invariance.py; here the launch paths, the run record and the logged rows)."""
 
 from __future__ import annotations
 
@@ -41,9 +43,8 @@ def losses(runs_dir) -> list[dict]:
 )
 def test_two_ranks_match_one_process(variant, extra, launch, tmp_path):
     args = [*ARGS, f"objective={variant}", *extra]
-    # One process: micro-batch 4, two accumulation steps. Two ranks: 2 each, the same global
-    # micro-batch of 4 split in order, so selection and token means see the same tokens.
-    train(*args, "trainer.micro_batch_size=4", f"runs_dir={tmp_path / 'one'}", check=True)
+    # One process: one micro-batch of 8. Two ranks: micro-batches of 2, two accumulation steps.
+    train(*args, "trainer.micro_batch_size=8", f"runs_dir={tmp_path / 'one'}", check=True)
     two = [*args, "trainer.micro_batch_size=2", f"runs_dir={tmp_path / 'two'}"]
     if launch == "torchrun":
         proc = torchrun(*two)
@@ -52,8 +53,11 @@ def test_two_ranks_match_one_process(variant, extra, launch, tmp_path):
         train(*two, "trainer.nproc=2", check=True)
     (record,) = records(tmp_path / "two")
     assert record["status"] == "completed" and record["world_size"] == 2
+    assert record["id"] == records(tmp_path / "one")[0]["id"]  # the split is not semantic
     one, two_rows = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two_rows) == 3
     for a, b in zip(one, two_rows, strict=True):
-        for key in ("loss", "loss/mle", "loss/distill", "kept_frac"):
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (key, a["step"])
+        # float32 sums of the same terms in another order (see test_invariance.REL)
+        for key in ("loss", "loss/mle", "loss/distill", "kept_frac", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], abs=1e-7, rel=1e-5), (key, a["step"])
+        assert b.get("kept_overlap") == pytest.approx(a.get("kept_overlap")), a["step"]

@@ -74,7 +74,11 @@ def _setup(seed: int, bias: bool, separate_teacher: bool, softcap, t_softcap):
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
-    """max |got - want| <= rtol * max |want| (+ a floor for all-zero tensors)."""
+    """max |got - want| <= rtol * max |want| (+ a floor for all-zero tensors).
+
+    Both paths compute in fp32 with sums over V and over chunks in different orders: the
+    error is a few ulps of the largest entry (~1e-7 relative); 1e-5 leaves 100x room while a
+    wrong term (a missing row, a wrong weight) moves entries by O(1) of the scale."""
     err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
     scale = want.double().abs().max().item() if want.numel() else 0.0
     assert err <= rtol * scale + 1e-9, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
@@ -130,8 +134,7 @@ def test_chunked_equals_naive(select, scope, divergence, distill_on, monkeypatch
         names = ("hidden", "weight", "bias")[: len(naive_grads)]
         for name, got, want in zip(names, chunked_grads, naive_grads, strict=True):
             _close(got, want, f"grad {name} {obj}")
-        for name in ("n_valid", "n_kept", "n_distilled", "global_kept", "global_distilled"):
-            assert int(getattr(chunked, name)) == int(getattr(naive, name))
+        assert chunked.denominators == naive.denominators
 
 
 def _simple(seed=0):
@@ -199,6 +202,9 @@ def test_bf16_is_close_to_naive():
     chunked = token_loss_chunked(h, labels, obj, head, t_hidden.bfloat16(), chunk_size=4)
     c_grads = torch.autograd.grad(chunked.total, [h, w])
     assert c_grads[0].dtype == torch.bfloat16 and c_grads[1].dtype == torch.bfloat16
+    # The naive path rounds the logits to bf16 (2^-8 relative) before its fp32 loss; the
+    # chunked path keeps them in fp32: the loss differs by ~1e-3 relative at most. Gradients
+    # are returned in bf16 (2^-8 ~ 4e-3 per rounding) after a bf16 matmul: 2e-2 of the scale.
     _close(chunked.total, naive.total, "bf16 total", rtol=1e-3)
     for got, want in zip(c_grads, n_grads, strict=True):
         _close(got, want, "bf16 grad", rtol=2e-2)
@@ -207,7 +213,7 @@ def test_bf16_is_close_to_naive():
 def test_errors_are_named():
     hidden, _t_hidden, weight, b, labels = _simple(4)
     head = OutputHead(weight, b)
-    with pytest.raises(ValueError, match="teacher_hidden or cached_teacher is required"):
+    with pytest.raises(ValueError, match="teacher_hidden or cached_teacher are required"):
         token_loss_chunked(hidden, labels, dict(distill_weight=1.0), head)
     with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
         token_loss_chunked(hidden, labels, {}, head, chunk_size=0)

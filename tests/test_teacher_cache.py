@@ -60,7 +60,7 @@ def test_bucket_kl_matches_a_hand_computation():
     assert cache.ids.tolist() == [[2, 0]]
     obj = {"distill_weight": 1.0, "distill_on": "all"}
     out = token_loss(student, labels, obj, cached_teacher=cache)
-    assert float(out.distill) == pytest.approx(expected, rel=1e-12)
+    assert float(out.distill) == pytest.approx(expected, rel=1e-12)  # float64, a 3-term sum
     exact = token_loss(student, labels, obj, teacher_logits=teacher)
     assert float(out.distill) < float(exact.distill)  # a coarsening never adds divergence
 
@@ -78,6 +78,7 @@ def test_full_vocabulary_cache_equals_the_live_teacher(divergence, tau):
             hidden @ weight.T, labels, obj, cached_teacher=_cache_of(t_logits, labels, V, tau)
         )
         assert torch.equal(live.kept, cached.kept)
+        # float64, the same distributions (k = V): equal to ~1e-15; 1e-12 / 1e-10 are slack
         assert float(cached.total.detach()) == pytest.approx(float(live.total.detach()), rel=1e-12)
         g_live = torch.autograd.grad(live.total, [hidden, weight])
         g_cached = torch.autograd.grad(cached.total, [hidden, weight])
@@ -118,6 +119,7 @@ def test_chunked_path_equals_naive_path_with_a_cached_teacher(
     )
     g_chunked = torch.autograd.grad(chunked.total, [hidden32, weight32])
     assert torch.equal(naive.kept, chunked.kept)
+    # fp32, sums over chunks in another order: ~1e-7 relative (see test_objectives_chunked)
     for a, b in [(naive.mle, chunked.mle), (naive.distill, chunked.distill)]:
         assert float(b.detach()) == pytest.approx(float(a.detach()), rel=1e-5, abs=1e-7)
     for a, b in zip(g_naive, g_chunked, strict=True):
@@ -161,6 +163,8 @@ def test_fill_then_lookup_returns_the_teacher_topk(tiny, tmp_path):
     expected = _cache_of(logits, batch["labels"], 7, 2.0)
     got = cache.lookup(batch)
     assert torch.equal(got.ids, expected.ids)
+    # the cache was filled in batches of 2, the reference in one: fp32 logits of the same rows
+    # differ by matmul blocking (~1e-6), log-probs of size ~5 by as much
     for name in ("logp", "rest", "nll"):
         torch.testing.assert_close(
             getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5

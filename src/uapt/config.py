@@ -156,6 +156,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(str(e)) from None
     _check_model_path(cfg["model"])
     _check_batch(cfg["trainer"])
+    _check_scope_size(cfg["objective"], cfg["trainer"])
     _validate_room("uapt.models", "validate_model", cfg["model"])
     _validate_room("uapt.data", "validate_dataset", cfg["dataset"])
     _validate_room("uapt.evaluation", "validate_suite", cfg["eval"])
@@ -184,6 +185,15 @@ def _check_batch(trainer: Mapping[str, Any], world_size: int = 1) -> None:
         raise ConfigError(
             f"trainer.batch_size={trainer['batch_size']} must be a multiple of "
             f"trainer.micro_batch_size x ranks = {per_step}"
+        )
+
+
+def _check_scope_size(objective: Mapping[str, Any], trainer: Mapping[str, Any]) -> None:
+    size = objective.get("scope_size")
+    if size and trainer["batch_size"] % size:
+        raise ConfigError(
+            f"objective.scope_size={size} must divide trainer.batch_size={trainer['batch_size']}: "
+            "selection groups are consecutive sequences of the global batch"
         )
 
 

@@ -1,4 +1,4 @@
-"""The token-level objective as pure functions on tensors (see DESIGN.md, "The objective").
+"""The token-level objective as pure functions on tensors (semantics: docs/objective.md).
 
 Conventions (transformers causal LMs): ``logits[:, t]`` predicts ``labels[:, t + 1]``; label
 -100 is ignored. Every per-token tensor returned here is aligned with ``labels``: a label
@@ -8,17 +8,18 @@ predicting logit). Per sequence, V is the set of valid positions and l_t the stu
 - Selection: score s_t (detached) is the student NLL (``nll``), NLL minus the teacher's
   (``excess``), the student entropy (``entropy``) or uniform noise (``random``). The
   K = ceil((1 - rho) |V|) highest scores are kept (``invert``: the lowest), per sequence or per
-  micro-batch (``scope``). Ties break by position (b-major flatten order): earlier wins.
-- L_mle = sum_kept l_t / (kept count | valid count); L_sd = mean over distilled positions of
-  tau^2 div(P, Q), P / Q the teacher / student softmax at temperature tau over the full
-  vocabulary; total = L_mle + lambda L_sd.
+  group of ``scope_size`` consecutive sequences (``scope=batch``; default: all the rows given).
+  Ties break by position (b-major flatten order): earlier wins.
+- L_mle = sum_kept l_t / (kept count | valid count); L_sd = sum over distilled positions of
+  tau^2 div(P, Q) / distilled count, P / Q the teacher / student softmax at temperature tau over
+  the full vocabulary; total = L_mle + lambda L_sd.
 
-Data parallel (torch.distributed initialised, world size > 1, ``distributed=True``): for
-``scope=batch`` every rank's scores are all-gathered and top-K is taken over their concatenation
-in rank order, so R ranks select exactly what one process holding all sequences would. In every
-scope the denominators (kept, valid, distilled counts) are summed over ranks and each rank returns
-its SHARE ``local_sum / global_count``: the sum of the ranks' values is the single-process value.
-DDP averages gradients, so the training loop multiplies the loss by world_size before backward.
+Global batch: every count above is the optimizer step's, over all its micro-batches and ranks.
+The counts follow from the labels and rho alone (``step_counts``), so the training loop computes
+them before the forward pass and hands them in as ``counts``; each micro-batch then returns its
+SHARE ``local_sum / global_count``, and the shares of a step sum to its loss. A selection that
+spans micro-batches or ranks is made by the loop (uapt.batches) and handed in as ``kept``.
+Without them, a call is its own global batch. Nothing here communicates across processes.
 
 Two paths compute the same thing: ``token_loss`` on full logits (simple, the reference) and
 ``token_loss_chunked`` on final hidden states + the output layer, which never holds
@@ -34,7 +35,6 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "select": "nll",
     "invert": False,
     "scope": "sequence",
+    "scope_size": None,
     "normalize": "kept",
     "divergence": "forward_kl",
     "jsd_beta": 0.5,
@@ -82,6 +83,7 @@ class ObjectiveSpec:
     select: str
     invert: bool
     scope: str
+    scope_size: int | None
     normalize: str
     divergence: str
     jsd_beta: float
@@ -139,6 +141,14 @@ def parse_objective(objective: Mapping[str, Any] | ObjectiveSpec) -> ObjectiveSp
     _check_choice("distill_on", v["distill_on"], DISTILL_ONS)
     if not isinstance(v["invert"], bool):
         raise ValueError(f"objective.invert={v['invert']!r} must be a bool (true or false)")
+    size = v["scope_size"]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"objective.scope_size={size!r} must be an int >= 1 or null")
+    if size is not None and v["scope"] != "batch":
+        raise ValueError(
+            f"objective.scope_size={size} only applies to objective.scope=batch "
+            f"(scope is {v['scope']!r}); set it to null"
+        )
     chunk = v["chunk_size"]
     if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
         raise ValueError(f"objective.chunk_size={chunk!r} must be an int >= 0 or null")
@@ -148,6 +158,7 @@ def parse_objective(objective: Mapping[str, Any] | ObjectiveSpec) -> ObjectiveSp
         select=str(v["select"]),
         invert=bool(v["invert"]),
         scope=str(v["scope"]),
+        scope_size=size,
         normalize=str(v["normalize"]),
         divergence=str(v["divergence"]),
         jsd_beta=float(beta),
@@ -207,69 +218,64 @@ def _topk_rows(
     return (rank < k.unsqueeze(1)) & valid
 
 
-def _world_size(distributed: bool) -> int:
-    if distributed and dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _gather_rows(
-    scores: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """All-gather [B_r, T_r] scores/valid of every rank, padded to a common T, in rank order.
-
-    Returns the concatenation [sum B_r, T_max] and this rank's row offset and T_max.
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    shape = torch.tensor(scores.shape, device=scores.device, dtype=torch.int64)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    sizes = [(int(s[0]), int(s[1])) for s in shapes]
-    b_max, t_max = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    pad_s = scores.new_zeros((b_max, t_max))
-    pad_v = torch.zeros((b_max, t_max), dtype=torch.uint8, device=scores.device)
-    b, t = scores.shape
-    pad_s[:b, :t] = scores
-    pad_v[:b, :t] = valid.to(torch.uint8)
-    all_s = [torch.empty_like(pad_s) for _ in range(world)]
-    all_v = [torch.empty_like(pad_v) for _ in range(world)]
-    dist.all_gather(all_s, pad_s)
-    dist.all_gather(all_v, pad_v)
-    rows_s = torch.cat([s[: sz[0]] for s, sz in zip(all_s, sizes, strict=True)])
-    rows_v = torch.cat([v[: sz[0]] for v, sz in zip(all_v, sizes, strict=True)]).bool()
-    offset = sum(sz[0] for sz in sizes[:rank])
-    return rows_s, rows_v, offset, t_max
+def _group_rows(spec: ObjectiveSpec, rows: int) -> int:
+    """Rows per selection group: 1 (scope=sequence), scope_size, or all rows given."""
+    if spec.scope == "sequence":
+        return 1
+    size = spec.scope_size or rows
+    if rows % size:
+        raise ValueError(
+            f"objective.scope_size={size} does not divide the {rows} sequences selected over"
+        )
+    return size
 
 
 def select_kept(
-    scores: torch.Tensor,
-    valid: torch.Tensor,
-    objective: Mapping[str, Any] | ObjectiveSpec,
-    *,
-    distributed: bool = True,
+    scores: torch.Tensor, valid: torch.Tensor, objective: Mapping[str, Any] | ObjectiveSpec
 ) -> torch.Tensor:
     """The kept mask M (bool [B, T]) from detached scores [B, T] and the valid mask [B, T].
 
     scope=sequence: top-K per row, K = ceil((1 - rho) * valid count of the row).
-    scope=batch: top-K over the b-major flatten of the micro-batch, K from the total valid count;
-    across data-parallel ranks (see the module docstring) over all ranks' rows in rank order.
+    scope=batch: top-K over the b-major flatten of each group of ``scope_size`` consecutive rows
+    (all B rows when it is null), K from the group's valid count.
     """
     spec = parse_objective(objective)
     if spec.mask_ratio == 0:
         return valid.clone()
-    scores = scores.detach()
-    if spec.scope == "sequence":
-        return _topk_rows(scores, valid, keep_count(valid.sum(1), spec.mask_ratio), spec.invert)
     b, t = scores.shape
-    if _world_size(distributed) == 1:
-        flat_v = valid.reshape(1, -1)
-        k = keep_count(flat_v.sum(1), spec.mask_ratio)
-        return _topk_rows(scores.reshape(1, -1), flat_v, k, spec.invert).reshape(b, t)
-    rows_s, rows_v, offset, t_max = _gather_rows(scores, valid)
-    flat_v = rows_v.reshape(1, -1)
+    size = _group_rows(spec, b)
+    flat_s = scores.detach().reshape(b // size, size * t)
+    flat_v = valid.reshape(b // size, size * t)
     k = keep_count(flat_v.sum(1), spec.mask_ratio)
-    kept = _topk_rows(rows_s.reshape(1, -1), flat_v, k, spec.invert).reshape(-1, t_max)
-    return kept[offset : offset + b, :t].contiguous()
+    return _topk_rows(flat_s, flat_v, k, spec.invert).reshape(b, t)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Token counts of a global batch: the denominators of its token means."""
+
+    kept: int
+    valid: int
+    distilled: int
+
+
+def step_counts(valid: torch.Tensor, objective: Mapping[str, Any] | ObjectiveSpec) -> Counts:
+    """The kept, valid and distilled counts of a global batch from its valid mask [B, T] alone.
+
+    K depends only on each selection group's valid count and rho, and the distilled set is the
+    valid minus the kept (distill_on=unselected) or all valid tokens, so no score is needed.
+    """
+    spec = parse_objective(objective)
+    n_valid = int(valid.sum())
+    n_kept = n_valid
+    if spec.mask_ratio > 0:
+        size = _group_rows(spec, valid.shape[0])
+        per_group = valid.reshape(valid.shape[0] // size, -1).sum(1)
+        n_kept = int(keep_count(per_group, spec.mask_ratio).sum())
+    n_distilled = 0
+    if spec.distill_weight > 0:
+        n_distilled = n_valid if spec.distill_on == "all" else n_valid - n_kept
+    return Counts(kept=n_kept, valid=n_valid, distilled=n_distilled)
 
 
 def _random_scores(labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -279,13 +285,12 @@ def _random_scores(labels: torch.Tensor, generator: torch.Generator | None) -> t
     return noise.to(labels.device)
 
 
-def _global_counts(counts: torch.Tensor, distributed: bool) -> torch.Tensor:
-    """Sum the [n_kept, n_valid, n_distilled] counts over data-parallel ranks (no grad)."""
-    if _world_size(distributed) == 1:
+def _denominators(counts: Counts | None, kept: torch.Tensor, valid: torch.Tensor, spec) -> Counts:
+    """The global batch's counts, or this call's own when it is the whole global batch."""
+    if counts is not None:
         return counts
-    counts = counts.clone()
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts
+    distilled = _distill_mask(spec, valid, kept)
+    return Counts(int(kept.sum()), int(valid.sum()), int(distilled.sum()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,11 +384,11 @@ def cached_buckets(log_q: torch.Tensor, cached: TeacherTopK) -> tuple[torch.Tens
 
 @dataclass
 class TokenLoss:
-    """The objective on one micro-batch (this rank's share under data parallelism).
+    """The objective on one micro-batch: its share of the global batch's token means.
 
     total = mle + distill_weight * distill (grad-carrying scalars). kept / valid / distilled are
     bool [B, T] aligned with labels; nll is the detached fp32 student NLL at valid positions (0
-    elsewhere). n_* are this rank's counts, global_* the denominators summed over ranks.
+    elsewhere); denominators are the global batch's counts the sums were divided by.
     """
 
     total: torch.Tensor
@@ -393,33 +398,25 @@ class TokenLoss:
     valid: torch.Tensor
     distilled: torch.Tensor
     nll: torch.Tensor
-    n_valid: torch.Tensor
-    n_kept: torch.Tensor
-    n_distilled: torch.Tensor
-    global_valid: torch.Tensor
-    global_kept: torch.Tensor
-    global_distilled: torch.Tensor
+    denominators: Counts
 
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
-    n = int(mask.sum())
-    return float(values[mask].double().sum() / n) if n else None
-
-
-def loss_diagnostics(result: TokenLoss) -> dict[str, float | None]:
-    """Logging figures of this rank's micro-batch; None where the set is empty.
-
-    kept_frac: kept / valid tokens; nll_kept / nll_unkept: mean student NLL on kept tokens and on
-    valid tokens not kept; distilled_frac: distilled / valid tokens.
-    """
-    n_valid = int(result.n_valid)
-    unkept = result.valid & ~result.kept
-    return {
-        "kept_frac": int(result.n_kept) / n_valid if n_valid else None,
-        "distilled_frac": int(result.n_distilled) / n_valid if n_valid else None,
-        "nll_kept": _masked_mean(result.nll, result.kept),
-        "nll_unkept": _masked_mean(result.nll, unkept),
-    }
+    def sums(self) -> torch.Tensor:
+        """Summable figures (float64): total, mle, distill shares; kept and valid counts; NLL
+        sums over kept and over valid-but-unkept tokens. Summed over a step's micro-batches and
+        ranks they give the step's loss terms and its token means."""
+        kept, unkept = self.kept & self.valid, ~self.kept & self.valid
+        return torch.tensor(
+            [
+                float(self.total.detach()),
+                float(self.mle.detach()),
+                float(self.distill.detach()),
+                int(kept.sum()),
+                int(self.valid.sum()),
+                float(self.nll[kept].sum()),
+                float(self.nll[unkept].sum()),
+            ],
+            dtype=torch.float64,
+        )
 
 
 def kept_overlap(prev_kept: torch.Tensor, kept: torch.Tensor) -> float | None:
@@ -483,6 +480,100 @@ def _distill_mask(spec: ObjectiveSpec, valid: torch.Tensor, kept: torch.Tensor) 
     return valid & ~kept if spec.distill_on == "unselected" else valid.clone()
 
 
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits must be [B, T, V] matching labels [B, T]: got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+
+
+def _check_kept(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    if kept.shape != valid.shape or kept.dtype != torch.bool:
+        raise ValueError(
+            f"kept must be a bool mask {tuple(valid.shape)}, got {kept.dtype} {tuple(kept.shape)}"
+        )
+    kept = kept.to(valid.device)
+    if bool((kept & ~valid).any()):
+        raise ValueError("kept marks positions that are not valid label positions")
+    return kept
+
+
+def _teacher_needed(spec: ObjectiveSpec, kept: torch.Tensor | None) -> bool:
+    """Teacher outputs are read for distillation, and for selection by excess loss when this
+    call selects (a kept mask handed in was selected elsewhere)."""
+    selects = kept is None and spec.mask_ratio > 0
+    return spec.distill_weight > 0 or (selects and spec.select == "excess")
+
+
+def _require_teacher(spec: ObjectiveSpec, given: bool, what: str) -> None:
+    if not given:
+        raise ValueError(
+            f"{what} or cached_teacher are required: objective has "
+            f"distill_weight={spec.distill_weight}, select={spec.select!r}"
+        )
+
+
+def _flat_scores(
+    spec: ObjectiveSpec,
+    log_q: torch.Tensor,
+    nll: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_z: torch.Tensor | None,
+    cached: TeacherTopK | None,
+) -> torch.Tensor | None:
+    """Selection scores [N] at the valid positions (None for random: noise is drawn apart)."""
+    if spec.select == "nll":
+        return nll
+    if spec.select == "entropy":
+        return -(log_q.exp() * log_q).sum(-1)
+    if spec.select == "excess" and teacher_z is None:
+        return nll - cached.nll.to(nll)
+    if spec.select == "excess":
+        t_log = torch.log_softmax(teacher_z, dim=-1)
+        return nll + t_log.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return None
+
+
+def _full_logits_rows(logits: torch.Tensor, labels: torch.Tensor):
+    """valid [B, T], its (b, t) indices, targets [N], fp32 logits [N, V] and log-probs [N, V]."""
+    valid = valid_mask(labels)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    targets = labels[b_idx, t_idx]
+    _check_labels(labels, targets, logits.shape[-1])
+    z = _fp32(logits[b_idx, t_idx - 1])  # [N, V]: the logits predicting each valid label
+    return valid, b_idx, t_idx, targets, z, torch.log_softmax(z, dim=-1)
+
+
+@torch.no_grad()
+def token_scores(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    objective: Mapping[str, Any] | ObjectiveSpec,
+    teacher_logits: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    cached_teacher: TeacherTopK | None = None,
+) -> torch.Tensor:
+    """The selection scores s_t [B, T] (0 at invalid positions) that ``token_loss`` ranks: for a
+    selection over more rows than one call holds (the loop's scoring pass)."""
+    spec = parse_objective(objective)
+    _check_logits(logits, labels)
+    if spec.select == "excess":
+        _require_teacher(
+            spec, teacher_logits is not None or cached_teacher is not None, "teacher_logits"
+        )
+    valid, b_idx, t_idx, targets, _, log_q = _full_logits_rows(logits, labels)
+    nll = -log_q.gather(1, targets.unsqueeze(1)).squeeze(1)
+    tz = None
+    if spec.select == "excess" and teacher_logits is not None:
+        tz = _fp32(teacher_logits.detach()[b_idx, t_idx - 1])
+    elif spec.select == "excess":
+        _check_cached(cached_teacher, targets.shape[0])
+    flat = _flat_scores(spec, log_q, nll, targets, tz, cached_teacher)
+    return _scores_from(spec, labels, valid, flat, generator)
+
+
 def token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -491,58 +582,45 @@ def token_loss(
     generator: torch.Generator | None = None,
     *,
     cached_teacher: TeacherTopK | None = None,
-    distributed: bool = True,
+    kept: torch.Tensor | None = None,
+    counts: Counts | None = None,
 ) -> TokenLoss:
     """The objective on full logits [B, T, V] (any float dtype; computed in fp32).
 
     The teacher (needed when distill_weight > 0 or select=excess) is ``teacher_logits``
     [B, T, V] (detached, exact) or ``cached_teacher`` (its top-k at the valid positions, see
     ``TeacherTopK``). ``generator`` feeds select=random (B*T uniforms drawn per call).
-    ``distributed=False`` disables every collective (e.g. when only one rank evaluates).
+    ``kept``: a kept mask selected over more rows than this call holds (no selection here);
+    ``counts``: the global batch's denominators (default: this call's own).
     """
     spec = parse_objective(objective)
-    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"logits must be [B, T, V] matching labels [B, T]: got {tuple(logits.shape)} "
-            f"and {tuple(labels.shape)}"
+    _check_logits(logits, labels)
+    needs = _teacher_needed(spec, kept)
+    if needs:
+        _require_teacher(
+            spec, teacher_logits is not None or cached_teacher is not None, "teacher_logits"
         )
-    if spec.needs_teacher and teacher_logits is None and cached_teacher is None:
-        raise ValueError(
-            "teacher_logits or cached_teacher are required: objective has "
-            f"distill_weight={spec.distill_weight}, select={spec.select!r}"
-        )
-    valid = valid_mask(labels)
-    b_idx, t_idx = valid.nonzero(as_tuple=True)
-    targets = labels[b_idx, t_idx]
-    _check_labels(labels, targets, logits.shape[-1])
-    z = _fp32(logits[b_idx, t_idx - 1])  # [N, V]: the logits predicting each valid label
-    log_q1 = torch.log_softmax(z, dim=-1)
+    valid, b_idx, t_idx, targets, z, log_q1 = _full_logits_rows(logits, labels)
     nll_flat = -log_q1.gather(1, targets.unsqueeze(1)).squeeze(1)
     tz = None
-    if teacher_logits is not None and spec.needs_teacher:
+    if needs and teacher_logits is not None:
         tz = _fp32(teacher_logits.detach()[b_idx, t_idx - 1])
-    elif spec.needs_teacher:
+    elif needs:
         _check_cached(cached_teacher, targets.shape[0])
 
-    flat_scores = None
-    if spec.select == "nll":
-        flat_scores = nll_flat
-    elif spec.select == "entropy":
-        flat_scores = -(log_q1.exp() * log_q1).sum(-1)
-    elif spec.select == "excess" and tz is None:
-        flat_scores = nll_flat - cached_teacher.nll.to(nll_flat)
-    elif spec.select == "excess":
-        t_log = torch.log_softmax(tz, dim=-1)
-        flat_scores = nll_flat + t_log.gather(1, targets.unsqueeze(1)).squeeze(1)
-    scores = _scores_from(spec, labels, valid, flat_scores, generator)
-    kept = select_kept(scores, valid, spec, distributed=distributed)
+    if kept is not None:
+        kept = _check_kept(kept, valid)
+    elif spec.mask_ratio == 0:
+        kept = valid.clone()
+    else:
+        flat_scores = _flat_scores(spec, log_q1, nll_flat, targets, tz, cached_teacher)
+        kept = select_kept(_scores_from(spec, labels, valid, flat_scores, generator), valid, spec)
     distilled = _distill_mask(spec, valid, kept)
+    den = _denominators(counts, kept, valid, spec)
 
     kept_f, dist_f = kept[b_idx, t_idx], distilled[b_idx, t_idx]
-    counts = torch.stack([kept.sum(), valid.sum(), distilled.sum()])
-    g_kept, g_valid, g_dist = _global_counts(counts, distributed)
-    mle_den = g_kept if spec.normalize == "kept" else g_valid
-    mle = (nll_flat * kept_f).sum() / mle_den.clamp(min=1) + _zero(logits)
+    mle_den = _count(den.kept if spec.normalize == "kept" else den.valid, labels.device)
+    mle = (nll_flat * kept_f).sum() / mle_den + _zero(logits)
 
     distill = _zero(logits)
     if spec.distill_weight > 0:
@@ -554,25 +632,18 @@ def token_loss(
         else:
             log_p = torch.log_softmax(tz[rows] / tau, dim=-1)
         d = tau * tau * divergence_rows(log_p, log_q, spec.divergence, spec.jsd_beta)
-        distill = distill + d.sum() / g_dist.clamp(min=1)
+        distill = distill + d.sum() / _count(den.distilled, labels.device)
 
     nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     nll[b_idx, t_idx] = nll_flat.detach().float()
     return TokenLoss(
-        total=mle + spec.distill_weight * distill,
-        mle=mle,
-        distill=distill,
-        kept=kept,
-        valid=valid,
-        distilled=distilled,
-        nll=nll,
-        n_valid=counts[1],
-        n_kept=counts[0],
-        n_distilled=counts[2],
-        global_valid=g_valid,
-        global_kept=g_kept,
-        global_distilled=g_dist,
+        mle + spec.distill_weight * distill, mle, distill, kept, valid, distilled, nll, den
     )
+
+
+def _count(n: int, device: torch.device) -> torch.Tensor:
+    """A denominator as an int64 tensor, at least 1 (an empty set's sum is 0 anyway)."""
+    return torch.tensor(max(n, 1), dtype=torch.int64, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -905,6 +976,11 @@ def _score_pass(
     nll = torch.empty(h.shape[0], dtype=dtype, device=h.device)
     scores = torch.empty_like(nll)
     block, split = _ceil_div(chunk, _BLOCKS_PER_CHUNK), _ceil_div(chunk, _TEACHER_SPLIT)
+    if select == "excess":
+        # The student's logits at the teacher's granularity: the same matmul shapes make equal
+        # weights give bitwise-equal logits, so the excess is exactly 0 while the student is
+        # still the initial model (ties, broken by position) instead of rounding noise.
+        chunk = split
     with torch.no_grad():
         for c0, c1 in _spans(h.shape[0], chunk):
             z = _head_logits(h[c0:c1], head.weight, head.bias, head.softcap)
@@ -940,6 +1016,78 @@ def _nll_pass(h: torch.Tensor, targets: torch.Tensor, head: OutputHead, chunk: i
     return nll
 
 
+def _chunked_rows(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, chunk_size: int):
+    """valid [B, T], its (b, t) indices and targets [N], after checking the inputs."""
+    _check_chunked_inputs(hidden, labels, head, chunk_size)
+    valid = valid_mask(labels)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    targets = labels[b_idx, t_idx]
+    _check_labels(labels, targets, head.weight.shape[0])
+    return valid, b_idx, t_idx, targets
+
+
+def _chunked_scores(
+    spec: ObjectiveSpec,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    gather,
+    head: OutputHead,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: OutputHead,
+    cached: TeacherTopK | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: the student nll [N] and selection scores [N] (excess from a cache's NLL)."""
+    select = "nll" if spec.select == "excess" and teacher_hidden is None else spec.select
+    t_all = gather(teacher_hidden.detach()) if select == "excess" else None
+    nll, scores = _score_pass(
+        gather(hidden.detach()), t_all, targets, head, teacher_head, select, chunk_size
+    )
+    if select != spec.select:  # excess from the cached teacher NLL
+        _check_cached(cached, targets.shape[0])
+        scores = nll - cached.nll.to(nll)
+    return nll, scores
+
+
+def token_scores_chunked(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    objective: Mapping[str, Any] | ObjectiveSpec,
+    head: OutputHead,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: OutputHead | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+    *,
+    cached_teacher: TeacherTopK | None = None,
+) -> torch.Tensor:
+    """``token_scores(head.logits(hidden), ...)`` chunk by chunk (never [B, T, V] logits)."""
+    spec = parse_objective(objective)
+    valid, b_idx, t_idx, targets = _chunked_rows(hidden, labels, head, chunk_size)
+    if spec.select == "random":
+        return _scores_from(spec, labels, valid, None, generator)
+    if spec.select == "excess":
+        _require_teacher(
+            spec, teacher_hidden is not None or cached_teacher is not None, "teacher_hidden"
+        )
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return x[b_idx, t_idx - 1]
+
+    _, flat = _chunked_scores(
+        spec,
+        hidden,
+        targets,
+        gather,
+        head,
+        teacher_hidden,
+        teacher_head or head,
+        cached_teacher,
+        chunk_size,
+    )
+    return _scores_from(spec, labels, valid, flat, generator)
+
+
 def token_loss_chunked(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -951,41 +1099,39 @@ def token_loss_chunked(
     chunk_size: int = 1024,
     *,
     cached_teacher: TeacherTopK | None = None,
-    distributed: bool = True,
+    kept: torch.Tensor | None = None,
+    counts: Counts | None = None,
 ) -> TokenLoss:
     """``token_loss(head.logits(hidden), ...)`` without ever holding [B, T, V] logits.
 
     hidden [B, T, H]: the student's final (normed) hidden states, grad-carrying; teacher_hidden
     the teacher's (detached); teacher_head defaults to head; or, instead of both, the teacher's
-    cached top-k at the valid positions (``cached_teacher``, see ``TeacherTopK``). Valid positions are gathered to
-    [N, H]. Pass 1 (no grad, skipped when rho = 0 or select=random) scores every token chunk by
-    chunk; selection then sees all N scores (same function, scope and ranks as token_loss).
-    (With select=random and rho > 0, rows neither kept nor distilled get a no-grad NLL pass so
-    that ``nll`` is complete for logging.) Pass 2 visits only kept or distilled rows, ``chunk_size`` at a time: fp32 logits, loss terms
-    and their closed-form gradients w.r.t. hidden and the head's weight/bias, the weight gradient
-    accumulated in place into one [V, H] buffer (the head's dtype; only when the head is
-    trained), which backward hands to autograd. Besides it, the peak holds one [chunk_size, V]
-    fp32 block of student logits (turned into its gradient in place), the teacher's logits for
-    chunk_size / 8 rows and row-block temporaries: about 1.4 x chunk_size x V x 4 bytes (1.15 x
-    without distillation).
+    cached top-k at the valid positions (``cached_teacher``, see ``TeacherTopK``). ``kept`` and
+    ``counts`` as in ``token_loss``. Valid positions are gathered to [N, H]. Pass 1 (no grad;
+    skipped when rho = 0, select=random or ``kept`` is given) scores every token chunk by chunk;
+    selection then sees all N scores (the same function as token_loss). Pass 2 visits only kept
+    or distilled rows, ``chunk_size`` at a time: fp32 logits, loss terms and their closed-form
+    gradients w.r.t. hidden and the head's weight/bias, the weight gradient accumulated in place
+    into one [V, H] buffer (the head's dtype; only when the head is trained), which backward
+    hands to autograd. Rows neither kept nor distilled get a no-grad NLL pass when pass 1 did
+    not run, so that ``nll`` is complete for logging. Besides the weight gradient, the peak holds
+    one [chunk_size, V] fp32 block of student logits (turned into its gradient in place), the
+    teacher's logits for chunk_size / 8 rows and row-block temporaries: about
+    1.4 x chunk_size x V x 4 bytes (1.15 x without distillation).
     Softcapping is applied in fp32 after the matmul (HF applies it in the model's dtype).
 
-    Only ``total`` (or a multiple: DDP's world_size, accumulation, AMP scaling) may be
-    backpropagated; backward raises if ``mle`` and ``distill`` get other relative weights.
+    Only ``total`` (or a multiple: DDP's world_size, AMP scaling) may be backpropagated;
+    backward raises if ``mle`` and ``distill`` get other relative weights.
     """
     spec = parse_objective(objective)
-    _check_chunked_inputs(hidden, labels, head, chunk_size)
-    if spec.needs_teacher and teacher_hidden is None and cached_teacher is None:
-        raise ValueError(
-            "teacher_hidden or cached_teacher is required: objective has "
-            f"distill_weight={spec.distill_weight}, select={spec.select!r}"
+    valid, b_idx, t_idx, targets = _chunked_rows(hidden, labels, head, chunk_size)
+    needs = _teacher_needed(spec, kept)
+    if needs:
+        _require_teacher(
+            spec, teacher_hidden is not None or cached_teacher is not None, "teacher_hidden"
         )
     teacher_head = teacher_head or head
-    valid = valid_mask(labels)
-    b_idx, t_idx = valid.nonzero(as_tuple=True)
-    targets = labels[b_idx, t_idx]
-    _check_labels(labels, targets, head.weight.shape[0])
-    cached = cached_teacher if spec.needs_teacher and teacher_hidden is None else None
+    cached = cached_teacher if needs and teacher_hidden is None else None
     if cached is not None:
         _check_cached(cached, targets.shape[0])
 
@@ -993,30 +1139,37 @@ def token_loss_chunked(
         """Rows [n, H] of x predicting the valid labels (all, or those at idx)."""
         return x[b_idx, t_idx - 1] if idx is None else x[b_idx[idx], t_idx[idx] - 1]
 
-    nll_flat, flat_scores = None, None
-    if spec.mask_ratio > 0 and spec.select != "random":
-        select = "nll" if spec.select == "excess" and cached is not None else spec.select
-        t_all = gather(teacher_hidden.detach()) if select == "excess" else None
-        nll_flat, flat_scores = _score_pass(
-            gather(hidden.detach()), t_all, targets, head, teacher_head, select, chunk_size
-        )
-        del t_all
-        if select != spec.select:  # excess from the cached teacher NLL
-            flat_scores = nll_flat - cached.nll.to(nll_flat)
-    scores = _scores_from(spec, labels, valid, flat_scores, generator)
-    kept = select_kept(scores, valid, spec, distributed=distributed)
+    nll_flat = None
+    if kept is not None:
+        kept = _check_kept(kept, valid)
+    elif spec.mask_ratio == 0:
+        kept = valid.clone()
+    else:
+        flat_scores = None
+        if spec.select != "random":
+            nll_flat, flat_scores = _chunked_scores(
+                spec,
+                hidden,
+                targets,
+                gather,
+                head,
+                teacher_hidden,
+                teacher_head,
+                cached,
+                chunk_size,
+            )
+        kept = select_kept(_scores_from(spec, labels, valid, flat_scores, generator), valid, spec)
     distilled = _distill_mask(spec, valid, kept)
+    den = _denominators(counts, kept, valid, spec)
     kept_f, dist_f = kept[b_idx, t_idx], distilled[b_idx, t_idx]
-    counts = torch.stack([kept.sum(), valid.sum(), distilled.sum()])
-    g_kept, g_valid, g_dist = _global_counts(counts, distributed)
 
     # Pass 2 rows: distilled first (their teacher rows are then a prefix), then kept-only.
     d_rows = dist_f.nonzero(as_tuple=True)[0]
     rows = torch.cat([d_rows, (kept_f & ~dist_f).nonzero(as_tuple=True)[0]])
     dtype = _compute_dtype(hidden)
-    mle_den = (g_kept if spec.normalize == "kept" else g_valid).clamp(min=1).to(dtype)
-    mle_w = kept_f[rows].to(dtype) / mle_den
-    dist_w = 1 / g_dist.clamp(min=1).to(dtype)
+    mle_den = _count(den.kept if spec.normalize == "kept" else den.valid, labels.device)
+    mle_w = kept_f[rows].to(dtype) / mle_den.to(dtype)
+    dist_w = 1 / _count(den.distilled, labels.device).to(dtype)
     cfg = _Fused(
         softcap=head.softcap,
         teacher_softcap=teacher_head.softcap,
@@ -1064,19 +1217,7 @@ def token_loss_chunked(
     nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     nll[b_idx, t_idx] = nll_flat.detach().float()
     return TokenLoss(
-        total=mle + spec.distill_weight * distill,
-        mle=mle,
-        distill=distill,
-        kept=kept,
-        valid=valid,
-        distilled=distilled,
-        nll=nll,
-        n_valid=counts[1],
-        n_kept=counts[0],
-        n_distilled=counts[2],
-        global_valid=g_valid,
-        global_kept=g_kept,
-        global_distilled=g_dist,
+        mle + spec.distill_weight * distill, mle, distill, kept, valid, distilled, nll, den
     )
 
 

@@ -19,7 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# Keys that change how a run is executed or observed, not what it computes.
+# Keys that change how a run is executed or observed, not what it computes: every token mean
+# is taken over the optimizer step's global batch, however it is split into micro-batches and
+# ranks (uapt.batches), so micro_batch_size, nproc and fsdp do not change the numbers (nor the
+# device type: selection noise is drawn on the CPU). micro_batch_size is not dropped but
+# canonicalised (see semantic_config).
 NON_SEMANTIC = {
     "trainer": {
         "device",
@@ -58,7 +62,27 @@ def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             node.pop(key, None)
         out[section] = node
     _drop_unused_teacher_keys(out["objective"])
+    _canonical_batch_keys(out)
     return out
+
+
+def _canonical_batch_keys(semantic: dict[str, Any]) -> None:
+    """Ids across the global-batch rule (objective semantics v2).
+
+    Before it, each micro-batch's loss was a token mean of that micro-batch and scope=batch
+    selected within one micro-batch: a run with one micro-batch on one process computed what it
+    computes now, any other split did not. micro_batch_size is therefore set to batch_size (it no
+    longer matters): a single-micro-batch run keeps its old id, and a split run, whose numbers
+    changed, gets a new one. scope_size (new) enters only when set, and select=random, whose
+    noise is now drawn per row, is marked as v2 (its numbers changed at every split).
+    """
+    trainer, objective = semantic["trainer"], semantic["objective"]
+    if "batch_size" in trainer:
+        trainer["micro_batch_size"] = trainer["batch_size"]
+    if objective.get("scope_size", "absent") is None:
+        del objective["scope_size"]
+    if objective.get("select") == "random" and float(objective.get("mask_ratio") or 0) > 0:
+        objective["semantics"] = 2
 
 
 def _drop_unused_teacher_keys(objective: dict[str, Any]) -> None:

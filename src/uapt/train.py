@@ -31,17 +31,23 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from uapt import checkpoint, distributed, evaluation, fsdp, records, teacher_cache
+from uapt.batches import BatchStream, select_global, to_device
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.launch import preempt_signal
 from uapt.models import AdaptersOff, hidden_states, load_model, load_tokenizer, make_teacher
 from uapt.objectives import (
+    Counts,
+    ObjectiveSpec,
     TokenLoss,
     kept_overlap,
     needs_teacher,
     output_head,
+    parse_objective,
     token_loss,
     token_loss_chunked,
+    token_scores,
+    token_scores_chunked,
 )
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
@@ -50,40 +56,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("uapt")
 
 
-# ----------------------------------------------------------------------------- data order
-@dataclass
-class BatchStream:
-    """Deterministic data order: a seeded permutation per epoch, read as one endless stream.
-
-    Micro-batch k (counted over the whole run) is a pure function of (seed, k), so resuming at a
-    step needs nothing but the step number.
-    """
-
-    dataset: Any
-    micro_batch_size: int
-    seed: int
-    pad_id: int
-    rank: int = 0
-    world_size: int = 1
-    _perms: dict[int, list[int]] = field(default_factory=dict)
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.dataset))
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.dataset), generator=gen).tolist()}
-        return self._perms[epoch][offset]
-
-    def rows(self, k: int) -> list[dict[str, Any]]:
-        """This rank's share of global micro-batch k (ranks split it in order)."""
-        size = self.micro_batch_size
-        start = (k * self.world_size + self.rank) * size
-        return [self.dataset[self._index(p)] for p in range(start, start + size)]
-
-    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
-        return collate(self.rows(k), self.pad_id)
-
-
+# ----------------------------------------------------------------------------- batches
 def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:
     count = math.ceil(len(dataset) / size)
     for i in range(min(count, limit or count)):
@@ -117,22 +90,36 @@ def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.
 
 
 # ----------------------------------------------------------------------------- the loss
+def _teacher_inputs(teacher, batch, objective: ObjectiveSpec, kept) -> tuple[Any, Any]:
+    """(live teacher module or None, cached TeacherTopK or None) for one forward: the teacher is
+    read for distillation, and for selection by excess loss when the forward selects."""
+    needed = objective.distill_weight > 0 or (
+        kept is None and objective.mask_ratio > 0 and objective.select == "excess"
+    )
+    if not needed or teacher is None:
+        return None, None
+    if isinstance(teacher, teacher_cache.TeacherCache):
+        return None, teacher.lookup(batch)
+    return teacher, None
+
+
 def forward_loss(
     model: torch.nn.Module,
     teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
     batch: Mapping[str, torch.Tensor],
-    objective: Mapping[str, Any],
-    generator: torch.Generator | None,
+    objective: ObjectiveSpec,
     bare: torch.nn.Module | None = None,
+    *,
+    kept: torch.Tensor | None = None,
+    counts: Counts | None = None,
 ) -> TokenLoss:
-    """The objective on one micro-batch. `model` runs forward (it may be a DDP wrapper); `bare`
-    is the unwrapped model whose output layer the chunked path applies itself. The teacher is
-    the frozen model (live) or a TeacherCache (read, never run)."""
+    """The objective on one micro-batch: its share of the global batch's token means (`counts`),
+    with the kept set selected here or handed in (`kept`). `model` runs forward (it may be a DDP
+    wrapper); `bare` is the unwrapped model whose output layer the chunked path applies itself.
+    The teacher is the frozen model (live) or a TeacherCache (read, never run)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    cached = None
-    if isinstance(teacher, teacher_cache.TeacherCache):
-        cached, teacher = teacher.lookup(batch), None
-    if objective.get("chunk_size"):
+    teacher, cached = _teacher_inputs(teacher, batch, objective, kept)
+    if objective.chunk_size:
         hidden = hidden_states(model, ids, mask)
         teacher_hidden = teacher_head = None
         if teacher is not None:
@@ -146,9 +133,10 @@ def forward_loss(
             output_head(bare or model),
             teacher_hidden,
             teacher_head,
-            generator,
-            chunk_size=objective["chunk_size"],
+            chunk_size=objective.chunk_size,
             cached_teacher=cached,
+            kept=kept,
+            counts=counts,
         )
     # transformers 5 builds a KV cache unless told not to
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -156,7 +144,38 @@ def forward_loss(
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return token_loss(logits, labels, objective, teacher_logits, generator, cached_teacher=cached)
+    return token_loss(
+        logits, labels, objective, teacher_logits, cached_teacher=cached, kept=kept, counts=counts
+    )
+
+
+@torch.no_grad()
+def forward_scores(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
+    batch: Mapping[str, torch.Tensor],
+    objective: ObjectiveSpec,
+) -> torch.Tensor:
+    """Selection scores [B, T] of one micro-batch (no grad), for a selection over more rows."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    teacher, cached = _teacher_inputs(teacher, batch, objective, None)
+    if objective.chunk_size:
+        teacher_hidden = hidden_states(teacher, ids, mask) if teacher is not None else None
+        return token_scores_chunked(
+            hidden_states(model, ids, mask),
+            labels,
+            objective,
+            output_head(model),
+            teacher_hidden,
+            output_head(teacher) if teacher is not None else None,
+            chunk_size=objective.chunk_size,
+            cached_teacher=cached,
+        )
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    teacher_logits = None
+    if teacher is not None:
+        teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return token_scores(logits, labels, objective, teacher_logits, cached_teacher=cached)
 
 
 @torch.no_grad()
@@ -179,18 +198,19 @@ def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, dev
 class Trainer:
     cfg: Mapping[str, Any]
     model: torch.nn.Module  # what runs forward: the model (sharded under FSDP) or its DDP wrapper
-    teacher: torch.nn.Module | None
+    teacher: torch.nn.Module | teacher_cache.TeacherCache | None
     stream: BatchStream
     device: torch.device
-    accumulation: int
     world: distributed.World = field(default_factory=distributed.World)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
+    objective: ObjectiveSpec = field(init=False)
     step: int = 0
-    probe: dict[str, torch.Tensor] | None = None
+    probe: list[dict[str, Any]] = field(default_factory=list)  # fixed rows: the curriculum probe
     probe_kept: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.objective = parse_objective(self.cfg["objective"])
         self.optimizer = make_optimizer(self.model, self.cfg["trainer"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg["trainer"])
@@ -207,31 +227,32 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def noise(self, micro: int) -> torch.Generator:
-        """Selection noise (select=random) as a pure function of (seed, step, micro-batch, rank)."""
-        key = ((self.cfg["seed"] * 1_000_003 + self.step) * 1009 + micro) * 101 + self.world.rank
-        return torch.Generator(self.device).manual_seed(key)
+    def scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Selection scores of a micro-batch, for selections over more rows than it holds."""
+        with self.autocast():
+            return forward_scores(self.bare, self.teacher, batch, self.objective)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `accumulation` micro-batches; returns the step's metrics."""
+        """One optimizer step over this rank's micro-batches of the global batch."""
         started, parts, tokens = time.perf_counter(), [], 0
-        for micro in range(self.accumulation):
-            batch = self.stream.micro_batch(self.step * self.accumulation + micro)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            last = micro == self.accumulation - 1
+        plan = self.stream.plan(self.step, self.objective, self.scores, self.world, self.device)
+        for micro, batch in enumerate(plan.batches):
+            last = micro == len(plan.batches) - 1
             sync = nullcontext() if last or not self.world.distributed else fsdp.no_sync(self.model)
             with sync, self.autocast():
                 out = forward_loss(
                     self.model,
                     self.teacher,
                     batch,
-                    self.cfg["objective"],
-                    self.noise(micro),
+                    self.objective,
                     self.bare,
+                    kept=plan.kept[micro],
+                    counts=plan.counts,
                 )
-                # Each rank's loss is its share of the global token mean; DDP / FSDP average
-                # gradients over ranks.
-                (out.total * self.world.world_size / self.accumulation).backward()
+                # out.total is this micro-batch's share of the global batch's token means: the
+                # shares of all micro-batches and ranks sum to the step's loss. DDP and FSDP
+                # average gradients over ranks, hence the factor.
+                (out.total * self.world.world_size).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
         clip = self.cfg["trainer"]["grad_clip"] or float("inf")
@@ -254,47 +275,44 @@ class Trainer:
 
     @torch.no_grad()
     def probe_overlap(self) -> float | None:
-        """Kept-set Jaccard overlap on a fixed probe batch since the last probe (the curriculum)."""
-        if self.probe is None or not self.cfg["objective"]["mask_ratio"]:
+        """Kept-set Jaccard overlap on a fixed probe batch since the last probe (the curriculum).
+        Every rank scores the whole probe (no collective), a micro-batch at a time."""
+        if not self.probe or not self.objective.mask_ratio:
             return None
         self.model.eval()
-        generator = torch.Generator(self.device).manual_seed(self.cfg["seed"])
-        with self.autocast():
-            objective = self.cfg["objective"]
-            kept = forward_loss(
-                self.model, self.teacher, self.probe, objective, generator, self.bare
-            ).kept
+        size = self.stream.micro_batch_size
+        own = [
+            list(range(i, min(i + size, len(self.probe)))) for i in range(0, len(self.probe), size)
+        ]
+        batches = [
+            to_device(collate([self.probe[j] for j in idx], self.stream.pad_id), self.device)
+            for idx in own
+        ]
+        noise_key = lambda j: (self.cfg["seed"], "probe", j)  # noqa: E731
+        kept = select_global(
+            self.probe,
+            own,
+            batches,
+            self.objective,
+            self.scores,
+            noise_key,
+            distributed.World(),
+            self.device,
+        )
         self.model.train()
         previous, self.probe_kept = self.probe_kept, kept.cpu()
         return None if previous is None else kept_overlap(previous, self.probe_kept)
 
 
 def loss_metrics(parts: list[TokenLoss], world: distributed.World) -> dict[str, float]:
-    """Step means over micro-batches (summed over ranks: each rank holds its share), diagnostics."""
-    sums = torch.tensor(
-        [
-            [
-                float(p.total.detach()),
-                float(p.mle.detach()),
-                float(p.distill.detach()),
-                int((p.kept & p.valid).sum()),
-                int(p.valid.sum()),
-                float(p.nll[p.kept & p.valid].sum()),
-                float(p.nll[~p.kept & p.valid].sum()),
-            ]
-            for p in parts
-        ],
-        dtype=torch.float64,
-    ).sum(0)
-    total, mle, distill, kept, valid, nll_kept, nll_unkept = distributed.all_sum(
-        sums, world
-    ).tolist()
-    n = len(parts)
+    """The step's loss terms and token-mean diagnostics over all micro-batches and ranks."""
+    sums = distributed.all_sum(torch.stack([p.sums() for p in parts]).sum(0), world)
+    total, mle, distill, kept, valid, nll_kept, nll_unkept = sums.tolist()
     unkept = valid - kept
     return {
-        "loss": total / n,
-        "loss/mle": mle / n,
-        "loss/distill": distill / n,
+        "loss": total,
+        "loss/mle": mle,
+        "loss/distill": distill,
         "kept_frac": kept / max(valid, 1),
         "nll/kept": nll_kept / kept if kept else float("nan"),
         "nll/unkept": nll_unkept / unkept if unkept else float("nan"),
@@ -401,20 +419,36 @@ def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World
     return Components(tokenizer, train_set, val_set, stats, model, model, teacher)
 
 
-def fill_teacher_cache(
-    cfg: Mapping[str, Any], parts: Components, stream: BatchStream, accumulation: int
-) -> None:
+def data_stream(cfg: Mapping[str, Any], parts: Components, world: distributed.World) -> BatchStream:
+    """The run's training rows in their seeded order, as this rank reads them."""
+    trainer_cfg = cfg["trainer"]
+    return BatchStream(
+        parts.train_set,
+        trainer_cfg["micro_batch_size"],
+        cfg["seed"],
+        parts.tokenizer.pad_token_id,
+        world.rank,
+        world.world_size,
+        accumulation_steps(trainer_cfg, world.world_size),
+    )
+
+
+def probe_rows(val_set: Any, trainer_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The curriculum probe: the first global batch's worth of validation rows (fixed)."""
+    return [val_set[i] for i in range(min(trainer_cfg["batch_size"], len(val_set)))]
+
+
+def fill_teacher_cache(cfg: Mapping[str, Any], parts: Components, stream: BatchStream) -> None:
     """Compute every row this rank will read from the teacher cache and that is not there yet
-    (its training rows and the probe batch). Runs before any step or checkpoint load, while
-    the model still holds the initial weights: the teacher."""
+    (its training rows and the probe). Runs before any step or checkpoint load, while the
+    model still holds the initial weights: the teacher."""
     cache = parts.teacher
     if not isinstance(cache, teacher_cache.TeacherCache):
         return
-    micro_batches = cfg["trainer"]["max_steps"] * accumulation
+    micro_batches = cfg["trainer"]["max_steps"] * stream.accumulation
     rows = [row for k in range(micro_batches) for row in stream.rows(k)]
-    size = stream.micro_batch_size
-    rows += [parts.val_set[i] for i in range(min(size, len(parts.val_set)))]  # the probe
-    cache.fill(parts.model, rows, size, stream.pad_id)
+    rows += probe_rows(parts.val_set, cfg["trainer"])
+    cache.fill(parts.model, rows, stream.micro_batch_size, stream.pad_id)
     log.info(
         "teacher cache %s: %d rows computed, %d reused", cache.folder, cache.computed, cache.reused
     )
@@ -471,23 +505,14 @@ def train(
     started = time.perf_counter()
     parts = build(cfg, device, world)
     pad = parts.tokenizer.pad_token_id
-    stream = BatchStream(
-        parts.train_set,
-        trainer_cfg["micro_batch_size"],
-        cfg["seed"],
-        pad,
-        world.rank,
-        world.world_size,
-    )
-    accumulation = accumulation_steps(trainer_cfg, world.world_size)
-    fill_teacher_cache(cfg, parts, stream, accumulation)
+    stream = data_stream(cfg, parts, world)
+    fill_teacher_cache(cfg, parts, stream)
     base = base_model_scores(cfg, parts, device) if world.is_main else {}
     distributed.barrier(world)
     parallelize(cfg, parts, device, world)
 
-    loop = Trainer(cfg, parts.runner, parts.teacher, stream, device, accumulation, world)
-    probe = next(eval_batches(parts.val_set, trainer_cfg["micro_batch_size"], pad, 1), None)
-    loop.probe = probe and {k: v.to(device) for k, v in probe.items()}
+    loop = Trainer(cfg, parts.runner, parts.teacher, stream, device, world)
+    loop.probe = probe_rows(parts.val_set, trainer_cfg)
     checkpoints = folder / "checkpoints"
     metrics = resume(loop, parts.model, checkpoints, folder / "metrics.jsonl", world)
     if record:
