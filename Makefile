@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The tests never touch the network: the Hub and W&B are offline.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format uat bench clean
+.PHONY: setup demo test lint format uat bench gpu-check gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,22 @@ format: setup
 
 bench: setup
 	$(OFFLINE) $(BIN)/python benchmarks/run_all.py
+
+# uapt's CUDA paths checked and measured (benchmarks/gpu_check.py; docs/performance.md, "GPU").
+gpu-check: setup
+	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py --json runs/benchmarks/gpu_check.json
+
+# The wheels gpu_check needs on a GPU machine without a package index (Python 3.12, x86-64),
+# into $(WHEELS): binary ones as published; sdist-only ones (pure Python) built here.
+WHEELS ?= .whl
+MANYLINUX := $(foreach v,2_28 2_27 2_17,--platform manylinux_$(v)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: setup
+	rm -rf $(WHEELS)
+	$(BIN)/pip download --quiet --no-deps --python-version 3.12 --implementation cp $(MANYLINUX) \
+		--dest $(WHEELS) -r benchmarks/gpu_requirements.txt
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(WHEELS) $$(find $(WHEELS) -name '*.tar.gz' -o -name '*.zip')
+	find $(WHEELS) -name '*.tar.gz' -delete -o -name '*.zip' -delete
+	du -sh $(WHEELS)
 
 clean:
 	rm -rf runs .cache

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_report
 from common import REPO, fmt_spread, load_average, subprocess_env, table
 
 HERE = Path(__file__).resolve().parent
@@ -239,7 +240,9 @@ INTRO = """\
 
 Measured by `python benchmarks/run_all.py`, which runs every benchmark in `benchmarks/` and
 rewrites this page from their JSON output. The text above "Results" is kept in
-`benchmarks/run_all.py` (INTRO); everything below it is generated.
+`benchmarks/run_all.py` (INTRO); everything below it is generated. The figures of "Results" are
+from CPUs; the "GPU" section at the end is rendered from the last record of
+`benchmarks/gpu_check.py` (`docs/results/gpu_check.json`) and names its machine and date.
 
 How the figures are taken:
 
@@ -307,6 +310,9 @@ def render_doc(outcomes: list[Outcome], quick: bool, load: tuple[list | None, li
     lines += [table(["measure", "ratio: median [min-max]", "target", "verdict"], rows), ""]
     for o in outcomes:
         lines += _section(o)
+    gpu = gpu_report.saved_section()  # kept across CPU runs: it has its own record and date
+    if gpu:
+        lines += [gpu]
     return "\n".join(lines).rstrip() + "\n"
 
 
