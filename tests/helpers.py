@@ -31,6 +31,7 @@ def env() -> dict[str, str]:
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
+        "COLUMNS": "400",  # rich wraps log lines at the console width: keep paths on one line
     }
 
 

@@ -6,18 +6,16 @@ position is the step itself (uapt's data order is a pure function of seed and st
 
 Writes go to a temporary folder that is renamed into place only when complete, with a manifest of
 file sizes and SHA-256 digests written last; a checkpoint whose manifest does not match its files
-(a truncated or corrupt file) is skipped with a warning and the previous one is used.
+(a truncated or corrupt file), or whose files do not load, is skipped with a warning naming it
+and the one before it is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from uapt import files
+
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -36,19 +35,6 @@ class TrainingState:
     step: int
     metrics: dict[str, float]
     probe_kept: torch.Tensor | None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,10 +70,8 @@ def save(
 ) -> Path:
     """Write step-<N>/ atomically and prune to the newest `keep` checkpoints. `weights` and
     `optimizer_state` stand in for the model's and the optimizer's (FSDP: gathered from ranks)."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".step-{state.step:08d}-"))
-    try:
+    with files.staging_dir(final) as tmp:  # the previous checkpoint stays until this one is whole
         save_file(trainable_state(model) if weights is None else weights, tmp / "model.safetensors")
         torch.save(
             optimizer.state_dict() if optimizer_state is None else optimizer_state,
@@ -102,66 +86,59 @@ def save(
             tmp / "state.pt",
         )
         (tmp / "progress.json").write_text(
-            json.dumps({"step": state.step, "metrics": state.metrics})
+            json.dumps(files.strict_json({"step": state.step, "metrics": state.metrics}))
         )
-        files = sorted(p for p in tmp.iterdir())
-        for path in files:
-            _fsync(path)
-        manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": manifest}, indent=1))
-        _fsync(tmp / MANIFEST)
-        if final.exists():  # a re-run that reached the same step again
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays as it was
-        raise
+        files.write_manifest(tmp, step=state.step)  # last: marks a whole checkpoint
     prune(folder, keep)
     return final
 
 
 def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove what killed writes left (the holder only)."""
     for stale in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
-    for partial in folder.glob(".step-*"):  # leftovers of a write that was killed
+    for partial in folder.glob(".step-*"):
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def problem(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be trusted, or None when every file matches its manifest."""
-    try:
-        manifest = json.loads((checkpoint / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable manifest ({e})"
-    for name, expected in manifest["files"].items():
-        path = checkpoint / name
-        if not path.exists():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
+    return files.manifest_problem(checkpoint)
+
+
+def verified(folder: Path) -> list[Path]:
+    """Checkpoints whose files match their manifests, newest first (others: a warning)."""
+    found = []
+    for checkpoint in sorted(folder.glob("step-*"), reverse=True):
+        reason = problem(checkpoint)
+        if reason is None:
+            found.append(checkpoint)
+        else:
+            log.warning("skipping checkpoint %s: %s", checkpoint, reason)
+    return found
 
 
 def latest(folder: Path) -> Path | None:
     """The newest checkpoint that verifies; broken ones are skipped with a warning."""
-    for checkpoint in sorted(folder.glob("step-*"), reverse=True):
-        reason = problem(checkpoint)
-        if reason is None:
-            return checkpoint
-        log.warning("skipping checkpoint %s: %s", checkpoint, reason)
-    return None
+    found = verified(folder)
+    return found[0] if found else None
 
 
-def load(
-    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> TrainingState:
+@dataclass
+class _Contents:
+    weights: dict[str, torch.Tensor] | None
+    optimizer_state: dict[str, Any] | None
+    extra: dict[str, Any]
+    progress: dict[str, Any]
+
+
+def _read(checkpoint: Path, model: torch.nn.Module) -> _Contents:
+    """Every file of a checkpoint, read and checked, nothing applied yet. Under FSDP only rank 0
+    reads weights and optimizer state (load_full_state_dicts broadcasts them)."""
     from uapt import fsdp  # transformers and torch.distributed: only when loading
 
-    sharded = fsdp.is_sharded(model)
     weights = optimizer_state = None
-    if not sharded or fsdp.is_main():  # FSDP: rank 0 reads, load_full_state_dicts broadcasts
+    if not fsdp.is_sharded(model) or fsdp.is_main():
         weights = load_file(checkpoint / "model.safetensors")
         missing = set(fsdp.trainable_names(model)) - set(weights)
         if missing:
@@ -170,13 +147,47 @@ def load(
                 f"e.g. {sorted(missing)[0]}: it belongs to a different model"
             )
         optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    if sharded:
-        fsdp.load_full_state_dicts(model, optimizer, weights, optimizer_state)
-    else:
-        model.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(optimizer_state)
     extra = torch.load(checkpoint / "state.pt", weights_only=True)
-    scheduler.load_state_dict(extra["scheduler"])
-    restore_rng(extra["rng"])
-    progress = json.loads((checkpoint / "progress.json").read_text())
-    return TrainingState(progress["step"], progress["metrics"], extra["probe_kept"])
+    progress = files.read_json(checkpoint / "progress.json")
+    return _Contents(weights, optimizer_state, extra, progress)
+
+
+def restore(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    world: Any = None,
+) -> tuple[Path, TrainingState] | None:
+    """Load the newest checkpoint that verifies and reads back; one that does not read (its
+    files match the manifest but do not load) is skipped with a warning naming it, and the one
+    before it is tried. All ranks agree on the checkpoint they load. None: start from step 0."""
+    from uapt import distributed, fsdp
+
+    for checkpoint in verified(folder):
+        try:
+            contents, ok = _read(checkpoint, model), 1
+        except Exception as e:  # unpickling, safetensors, JSON: the files do not load
+            contents, ok = None, 0
+            log.warning(
+                "checkpoint %s does not load (%s: %s); trying an older one",
+                checkpoint,
+                type(e).__name__,
+                e,
+            )
+        if world is not None:  # every rank read its part: all must have succeeded
+            ok = int(distributed.all_sum(torch.tensor([ok]), world)) == world.world_size
+        if not ok:
+            continue
+        if fsdp.is_sharded(model):
+            fsdp.load_full_state_dicts(model, optimizer, contents.weights, contents.optimizer_state)
+        else:
+            model.load_state_dict(contents.weights, strict=False)
+            optimizer.load_state_dict(contents.optimizer_state)
+        scheduler.load_state_dict(contents.extra["scheduler"])
+        restore_rng(contents.extra["rng"])
+        progress = contents.progress
+        return checkpoint, TrainingState(
+            progress["step"], progress["metrics"], contents.extra["probe_kept"]
+        )
+    return None

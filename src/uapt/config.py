@@ -8,12 +8,17 @@ Unknown keys are errors too: an option that is silently ignored is worse than no
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from uapt.errors import UserError
 
-class ConfigError(ValueError):
+SEED_MAX = 2**32 - 1  # numpy's and every derived generator's range
+
+
+class ConfigError(UserError):
     """A bad configuration value; the message names the key."""
 
 
@@ -37,13 +42,14 @@ def number(
             isinstance(v, bool)
             or not isinstance(v, int | float)
             or (integer and not isinstance(v, int))
+            or not math.isfinite(v)
         ):
             return False
         return (lo is None or (v > lo if lo_open else v >= lo)) and (
             hi is None or (v < hi if hi_open else v <= hi)
         )
 
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a finite number"
     bounds = []
     if lo is not None:
         bounds.append(f"{'>' if lo_open else '>='} {lo}")
@@ -120,6 +126,7 @@ TOP_LEVEL = {
     "experiment",
     "force",
     "sweep",
+    "inputs",  # set by uapt: content fingerprints of local inputs (uapt.inputs)
 }
 
 
@@ -145,8 +152,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     unknown = set(cfg) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-        raise ConfigError(f"seed={cfg.get('seed')!r} is not an integer")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed!r} is not an integer in [0, {SEED_MAX}]")
     check_section("trainer", cfg["trainer"], TRAINER)
     check_section("model", cfg["model"], MODEL)
     check_section("logger", cfg["logger"], LOGGER)
@@ -174,9 +182,10 @@ def _validate_room(module: str, function: str, node: Mapping[str, Any]) -> None:
 
 def _check_model_path(model: Mapping[str, Any]) -> None:
     """A path written as a path (./, /, ~) must exist; `org/name` is a hub id, checked on load."""
-    path = str(model.get("path") or "")
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise ConfigError(f"model.path={path!r}: no such local folder")
+    for key in ("path", "tokenizer"):
+        path = str(model.get(key) or "")
+        if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise ConfigError(f"model.{key}={path!r}: no such local folder")
 
 
 def _check_batch(trainer: Mapping[str, Any], world_size: int = 1) -> None:

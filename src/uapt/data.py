@@ -16,8 +16,6 @@ import json
 import logging
 import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +25,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from uapt import files
 from uapt.config import TEXT, ConfigError, check_section, number, one_of, optional
+from uapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ SYNTHETIC = "synthetic"
 ARITH_SEED = 0  # the eval suites' arith task uses seed 0: its test rows are disjoint from these
 ENCODE_BATCH = 256  # conversations tokenised per call of the (Rust, batched) tokenizer
 LABEL_RECIPE = "spans-v1"  # bump when tokenisation or labelling changes (invalidates the cache)
+CACHE_FORMAT = "manifest-v1"  # bump when a cache entry's layout changes
 
 # ShareGPT speaker names (lower-cased) -> chat roles. Anything else is an error.
 ROLES = {
@@ -95,7 +96,7 @@ SCHEMA = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data: the message names the file (and line or row) or the source."""
 
 
@@ -164,10 +165,23 @@ def _synthetic_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         yield f"synthetic arith row {i}", row
 
 
+def _utf8(raw: bytes, path: Path, line: int | None = None) -> str:
+    """`raw` decoded as UTF-8; DataError naming the file and line when it is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line is None:
+            line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -177,7 +191,7 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{lineno}", row
     elif path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
@@ -197,9 +211,9 @@ def _hub_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
     import datasets
 
     source, subset, split = cfg["source"], cfg["subset"], cfg["split"]
-    files = cfg["data_files"]
+    data_files = cfg["data_files"]
     try:
-        rows = datasets.load_dataset(source, subset, split=split, data_files=files)
+        rows = datasets.load_dataset(source, subset, split=split, data_files=data_files)
     except Exception as e:  # offline, unknown id, bad subset/split: say which key led there
         raise DataError(
             f"dataset.source={source!r} (subset={subset!r}, split={split!r}): could not load it "
@@ -495,31 +509,38 @@ def _tokenize_splits(
 def _cached_splits(
     folder: Path | None, splits: Mapping[str, Sequence[Messages]], tokenizer: Any, max_length: int
 ) -> tuple[Any, dict[str, int]]:
-    """Tokenise, or load what an earlier run with the same inputs tokenised (atomic publish)."""
+    """Tokenise, or load what an earlier run with the same inputs tokenised. An entry is
+    published whole (staging folder, manifest written last); one whose files no longer match
+    their manifest is set aside, named in a warning, and rebuilt."""
     import datasets
 
     if folder is None:
         return _tokenize_splits(splits, tokenizer, max_length)
-    if (folder / "counts.json").exists():
-        log.info("tokenised data: cache hit %s", folder)
-        counts = json.loads((folder / "counts.json").read_text())
-        return datasets.load_from_disk(str(folder / "splits")), counts
+    if (folder / files.MANIFEST).exists():
+        problem = files.manifest_problem(folder)
+        if problem is None:
+            log.info("tokenised data: cache hit %s", folder)
+            counts = files.read_json(folder / "counts.json")
+            return datasets.load_from_disk(str(folder / "splits")), counts
+        aside = files.set_aside(folder, problem)
+        log.warning(
+            "tokenised-data cache %s is damaged (%s); moved to %s, rebuilding",
+            folder,
+            problem,
+            aside,
+        )
     dsets, counts = _tokenize_splits(splits, tokenizer, max_length)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        # one shard per split: an empty split saved as zero shards would not load back
-        dsets.save_to_disk(str(tmp / "splits"), num_shards=dict.fromkeys(dsets, 1))
+        with files.staging_dir(folder, replace=False) as tmp:  # a concurrent run may win: fine
+            # one shard per split: an empty split saved as zero shards would not load back
+            dsets.save_to_disk(str(tmp / "splits"), num_shards=dict.fromkeys(dsets, 1))
+            files.write_json(tmp / "counts.json", counts)
+            files.write_manifest(tmp)
     finally:
         if bars:
             datasets.enable_progress_bars()
-    (tmp / "counts.json").write_text(json.dumps(counts))  # written last: marks a complete entry
-    try:
-        tmp.rename(folder)
-    except OSError:  # a concurrent run published the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(folder / "splits")), counts
 
 
@@ -546,6 +567,7 @@ def build_datasets(
         key = _cache_key(
             {
                 "recipe": LABEL_RECIPE,
+                "format": CACHE_FORMAT,
                 "max_length": cfg["max_length"],
                 "tokenizer": tokenizer_fingerprint(tokenizer),
                 "content": _content_hash(splits),

@@ -44,11 +44,6 @@ def init(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         values = values.clone()
@@ -61,8 +56,9 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """`uapt-train trainer.nproc=N`: run this same command under torchrun with N processes."""
+def relaunch_with_torchrun(nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """`uapt-train trainer.nproc=N`: run this same command under torchrun with N processes
+    (`env`: variables added to this process's environment)."""
     command = [
         sys.executable,
         "-m",
@@ -73,4 +69,4 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
         "uapt.train",
         *argv,
     ]
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, **(env or {})})

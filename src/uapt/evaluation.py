@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uapt import outcomes
 from uapt.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,8 @@ def evaluate_lm(
     include = [include] if isinstance(include, str) else list(include or [])
     scores: dict[str, dict[str, float | None]] = {}
     meta: dict[str, Any] = {"n_samples": {}, "task_versions": {}, "seconds": {}}
+    kept: list[dict[str, Any]] = []
+    dropped: list[str] = []
     for spec in specs:
         started = time.perf_counter()
         request, manager, is_cfg = task_request(spec, include)
@@ -425,7 +428,7 @@ def evaluate_lm(
             fewshot_as_multiturn=spec.fewshot_as_multiturn,
             system_instruction=suite["system_instruction"],
             bootstrap_iters=suite["bootstrap_iters"],
-            log_samples=suite["log_samples"],
+            log_samples=True,  # per-sample outcomes are always kept (uapt.outcomes)
             device=device,
             random_seed=seed,
             numpy_random_seed=1234 + seed,
@@ -442,8 +445,13 @@ def evaluate_lm(
             {k: v for k, v in raw.get("versions", {}).items() if v is not None}
         )
         meta["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+        lines, skipped = outcomes.from_samples(raw.get("samples") or {}, scores)
+        kept, dropped = kept + lines, dropped + skipped
         if out_dir is not None and suite["log_samples"]:
             write_samples(Path(out_dir) / "eval_samples", raw.get("samples") or {})
+    if out_dir is not None:
+        outcomes.write(Path(out_dir), kept)
+    meta["outcomes"] = {"file": outcomes.FILE, "lines": len(kept), "not_per_sample": dropped}
     meta_out = {
         "suite": _plain(suite_cfg),
         "lm_eval_version": lm_eval_version(),
@@ -536,13 +544,14 @@ def _plain(node: Any) -> Any:
 def write_samples(folder: Path, samples: Mapping[str, list[dict[str, Any]]]) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from uapt import files
+
     for task, rows in samples.items():
-        tmp = folder / f".{task}.jsonl.tmp"
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
-        tmp.replace(folder / f"{task}.jsonl")
+        lines = (
+            json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n"
+            for row in rows
+        )
+        files.write_text(folder / f"{task}.jsonl", "".join(lines))
 
 
 # ----------------------------------------------------------------------------- base scores
@@ -574,30 +583,36 @@ def base_scores(
     evaluate_fn: Callable[[], dict[str, Any]],
     *,
     init_seed: int | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The initial model's run_suite result, computed once per (model, suite) and cached as JSON.
 
     `evaluate_fn()` runs the suite on the initial model; it is called only on a cache miss.
     A random-init model (no `model.path`) depends on its init seed: pass it as `init_seed`.
+    `inputs`: the run's content fingerprints (uapt.inputs); those of the model and the suite's
+    data files enter the key, so an edited local model or eval file is scored again.
     """
     if not suite_tasks(suite_cfg):
         return {}
+    from uapt import files
     from uapt.models import model_fingerprint
-    from uapt.records import write_json_atomic
 
     key = f"{model_fingerprint(model_cfg)}-{suite_hash(suite_cfg)}"
     if not model_cfg.get("path") and init_seed is not None:
         key += f"-s{init_seed}"
+    local = {k: v for k, v in (inputs or {}).items() if k.startswith(("model.", "eval."))}
+    if local:
+        key += "-" + hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / "base_scores" / f"{key}.json"
     if path.exists():
         try:
-            cached = json.loads(path.read_text())
+            cached = files.read_json(path)
             log.info("base scores from cache %s", path)
             return cached
-        except json.JSONDecodeError:
-            log.warning("unreadable base-score cache %s; evaluating again", path)
+        except files.DamagedFile as e:
+            log.warning("base-score cache %s is damaged (%s); evaluating again", path, e.why)
     result = evaluate_fn()
-    write_json_atomic(path, result)
+    files.write_json(path, result)
     return result
 
 
@@ -796,9 +811,9 @@ def evaluate_cli(
     title = f"{cfg['model'].get('name')}{f' @ {checkpoint}' if checkpoint else ''} on eval={suite['name']}"
     Console().print(rich_table(results, title))
     if out_file is not None:
-        from uapt.records import write_json_atomic
+        from uapt import files
 
-        write_json_atomic(out_file, {"model": cfg["model"], "checkpoint": checkpoint, **results})
+        files.write_json(out_file, {"model": cfg["model"], "checkpoint": checkpoint, **results})
         log.info("wrote %s", out_file)
     return 0
 
@@ -817,7 +832,15 @@ def main() -> None:
         logging.getLogger("lm_eval").setLevel(
             logging.WARNING
         )  # its per-task INFO lines drown the table
-        status = evaluate_cli(OmegaConf.to_container(cfg, resolve=True), **own)
+        from uapt.errors import UserError, show_traceback
+
+        try:
+            status = evaluate_cli(OmegaConf.to_container(cfg, resolve=True), **own)
+        except UserError as e:  # named in one line (HYDRA_FULL_ERROR=1: the traceback too)
+            if show_traceback():
+                raise
+            log.error("%s", e)
+            raise SystemExit(2) from None
         if status:
             raise SystemExit(status)
 

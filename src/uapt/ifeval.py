@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from uapt.files import staging_dir as published
 
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
@@ -46,9 +46,14 @@ def ensure_punkt_tab(cache_dir: str | Path | None = None) -> Path:
         pass
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = (root / "nltk_data").resolve()
+    if root.exists() and root.stat().st_uid != os.geteuid():
+        # NLTK reads data only from folders its own user owns and no one else can write: in a
+        # cache shared with a team, each user keeps a private copy (a few hundred KB)
+        root = Path.home() / ".cache" / "uapt" / f"nltk_data-{os.geteuid()}"
     folder = root / PUNKT_RESOURCE
     if not all((folder / name).exists() for name in PUNKT_FILES):
         _write_punkt_tab(folder)
+    _owner_only_writes(root)
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
     try:
@@ -56,6 +61,17 @@ def ensure_punkt_tab(cache_dir: str | Path | None = None) -> Path:
     except LookupError as e:
         raise RuntimeError(f"NLTK does not accept the punkt_tab built at {folder}: {e}") from e
     return folder
+
+
+def _owner_only_writes(root: Path) -> None:
+    """Clear group and other write bits under `root` (a group-writable umask sets them), which
+    NLTK requires of data it loads; folders of another user are left as they are."""
+    for path in [root, *root.rglob("*")]:
+        try:
+            if path.stat().st_uid == os.geteuid():
+                os.chmod(path, path.stat().st_mode & 0o7755)
+        except OSError:
+            pass
 
 
 def _write_punkt_tab(folder: Path) -> None:
@@ -76,14 +92,9 @@ def _write_punkt_tab(folder: Path) -> None:
             f"{k}\t{int(v)}" for k, v in sorted(params.ortho_context.items())
         ),
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".english."))
-    for name, text in files.items():
-        (tmp / name).write_text(text, encoding="utf-8", newline="")
-    try:  # atomic publish; a concurrent process may have won the race, which is fine
-        tmp.rename(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with published(folder, replace=False) as tmp:  # a concurrent build may win: fine
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8", newline="")
 
 
 @contextlib.contextmanager

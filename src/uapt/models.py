@@ -14,8 +14,6 @@ import hashlib
 import inspect
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +22,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from uapt import files
 from uapt.config import ConfigError
+from uapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,15 @@ def _tiny_corpus() -> list[str]:
 def tiny_tokenizer(cache_dir: str | Path) -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer trained locally (deterministic, no download), cached on disk."""
     folder = Path(cache_dir).expanduser() / "tokenizers" / f"tiny-{TINY_RECIPE}"
-    if not (folder / "tokenizer.json").exists():
-        _train_tiny_tokenizer(folder)
+    if (folder / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # a damaged file in a shared cache: rebuild it, say which
+            aside = files.set_aside(folder, str(e))
+            log.warning(
+                "tiny tokenizer %s does not load (%s); moved to %s, rebuilding", folder, e, aside
+            )
+    _train_tiny_tokenizer(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -88,13 +95,8 @@ def _train_tiny_tokenizer(folder: Path) -> None:
         unk_token=None,
     )
     fast.chat_template = CHATML_TEMPLATE
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))
-    fast.save_pretrained(tmp)
-    try:  # atomic publish; a concurrent process may have won the race, which is fine
-        tmp.rename(folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with files.staging_dir(folder, replace=False) as tmp:  # a concurrent build may win: fine
+        fast.save_pretrained(tmp)
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -103,10 +105,12 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> PreTr
     if source in (None, "tiny"):
         tok = tiny_tokenizer(cache_dir)
     else:
+        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.path"
         source = resolve_source(str(source), cache_dir, model_cfg.get("source", "auto"))
-        tok = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
-        )
+        with _named_source(key, source):
+            tok = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+            )
     if model_cfg.get("chat_template"):
         tok.chat_template = model_cfg["chat_template"]
     elif not tok.chat_template:
@@ -233,12 +237,28 @@ def load_model(
     if model_cfg.get("path"):
         source = resolve_source(str(model_cfg["path"]), cache_dir, model_cfg.get("source", "auto"))
         remote = bool(model_cfg.get("trust_remote_code", False))
-        model = _from_pretrained(source, kwargs, remote, cache_dir)
+        with _named_source("model.path", source):
+            model = _from_pretrained(source, kwargs, remote, cache_dir)
     else:
         config = random_init_config(model_cfg, tokenizer)
         model = _checked_attn(lambda: AutoModelForCausalLM.from_config(config, **kwargs))
     model = model.to(device)
     return apply_lora(model, lora) if lora else model
+
+
+class ModelSourceError(UserError):
+    """A model or tokenizer that cannot be loaded from where the config points."""
+
+
+@contextmanager
+def _named_source(key: str, source: str) -> Iterator[None]:
+    """Loading errors of transformers (no such folder, hub unreachable, not a model) as one
+    message naming the config key, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelSourceError(f"{key}={source!r}: cannot be loaded ({first})") from e
 
 
 def _checked_attn(build):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import socket
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from uapt import files
 
 # Keys that change how a run is executed or observed, not what it computes: every token mean
 # is taken over the optimizer step's global batch, however it is split into micro-batches and
@@ -63,6 +63,8 @@ def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out[section] = node
     _drop_unused_teacher_keys(out["objective"])
     _canonical_batch_keys(out)
+    if cfg.get("inputs"):  # content fingerprints of local data and models (uapt.inputs)
+        out["inputs"] = dict(cfg["inputs"])
     return out
 
 
@@ -146,27 +148,16 @@ def run_summary(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_record(folder: Path) -> dict[str, Any] | None:
-    path = folder / "run.json"
+    """The run record of `folder`, or None when there is none; DamagedFile (naming the file)
+    when it cannot be read back."""
+    path = Path(folder) / "run.json"
     if not path.exists():
         return None
-    with path.open() as f:
-        return json.load(f)
+    data = files.read_json(path)
+    if not isinstance(data, dict):
+        raise files.DamagedFile(path, f"not a run record (a JSON {type(data).__name__})")
+    return data
 
 
 def now() -> str:
@@ -207,6 +198,19 @@ def git_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+def _earlier_attempt(folder: Path) -> dict[str, Any]:
+    """The record of the run's last attempt: run.json, or the completed one a forced re-run set
+    aside in previous/ (so attempts keep counting)."""
+    for where in (folder, folder / "previous"):
+        try:
+            found = read_record(where)
+        except files.DamagedFile:
+            found = None
+        if found:
+            return found
+    return {}
+
+
 class RunRecord:
     """The mutable record of one run, flushed atomically to run.json on every change of state."""
 
@@ -215,7 +219,7 @@ class RunRecord:
 
     @classmethod
     def start(cls, folder: Path, cfg: Mapping[str, Any], world_size: int = 1) -> RunRecord:
-        previous = read_record(folder) or {}
+        previous = _earlier_attempt(folder)
         data = {
             "id": run_id(cfg),
             "slug": run_slug(cfg),
@@ -250,4 +254,4 @@ class RunRecord:
         self.update(status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
 
     def flush(self) -> None:
-        write_json_atomic(self.folder / "run.json", self.data)
+        files.write_json(self.folder / "run.json", self.data)

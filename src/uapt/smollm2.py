@@ -32,6 +32,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from uapt import files
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -102,24 +104,19 @@ def is_complete(folder: Path) -> bool:
 
 
 def publish_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Run `build(tmp)` in a fresh sibling temp folder, then rename it to `target`.
+    """Run `build(tmp)` in a fresh sibling staging folder, then publish it as `target`.
 
-    Call under a lock. Leftover temp folders (from a killed build) and a stale or incomplete
+    Call under a lock. Leftover staging folders (from a killed build) and a stale or incomplete
     `target` are removed; a failing build leaves nothing behind.
     """
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+    stale = [
+        *target.parent.glob(f".{target.name}.*.tmp"),
+        *target.parent.glob(f".{target.name}.tmp-*"),
+    ]
+    for leftover in stale:  # files.staging_dir's names, and those of uapt before it
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with files.staging_dir(target) as tmp:
         build(tmp)
-        if target.exists():  # incomplete or older recipe: move it aside, then drop it
-            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-            target.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build(out: Path) -> None:
@@ -137,16 +134,6 @@ def _build(out: Path) -> None:
         convert_gguf(gguf, out, bar)
         stats = {"archive": archive.name, "archive_bytes": archive.stat().st_size}
     _write_marker(out, stats | {"convert_s": round(time.perf_counter() - started, 1)})
-    _share(out)
-
-
-def _share(folder: Path) -> None:
-    """Give the folder the umask's usual modes (mkdtemp makes it 0700) so a shared cache works."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 @contextmanager

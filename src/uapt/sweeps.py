@@ -8,7 +8,6 @@ works for in-process, local-parallel and SLURM launchers alike; the summary is r
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from uapt.records import write_json_atomic
+from uapt import files
 
 log = logging.getLogger("uapt")
 
@@ -35,7 +34,7 @@ def record_outcome(outcome: dict[str, Any]) -> None:
     """Called by a multirun job: leave its outcome where the sweep's summary will find it."""
     hydra_cfg = HydraConfig.get()
     folder = outcomes_dir(hydra_cfg.sweep.dir)
-    write_json_atomic(folder / f"{int(hydra_cfg.job.num):05d}.json", outcome)
+    files.write_json(folder / f"{int(hydra_cfg.job.num):05d}.json", outcome)
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> str:
@@ -64,7 +63,20 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = outcomes_dir(config.hydra.sweep.dir)
-        outcomes = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        outcomes = [_read_outcome(p) for p in sorted(folder.glob("*.json"))]
         print(summarize(outcomes), flush=True)
         if any(o["status"] == "failed" for o in outcomes):
             raise SystemExit(1)  # scripts and CI see that the sweep is not whole
+
+
+def _read_outcome(path: Path) -> dict[str, Any]:
+    """A job's outcome; a damaged one (a job killed mid-write) counts as failed, named."""
+    try:
+        outcome = files.read_json(path)
+    except files.DamagedFile as e:
+        return {"status": "failed", "id": None, "slug": path.stem, "error": str(e)}
+    return (
+        outcome
+        if isinstance(outcome, dict) and "status" in outcome
+        else {"status": "failed", "id": None, "slug": path.stem, "error": f"{path}: not an outcome"}
+    )

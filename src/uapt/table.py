@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from uapt import files
 from uapt.records import semantic_config
 
 FORMATS = ("rich", "markdown", "csv", "latex")
@@ -789,9 +790,12 @@ def load_runs(dirs: Iterable[str | Path]) -> tuple[list[Run], list[str]]:
                 problems.append(f"{folder}: no run.json (skipped)")
                 continue
             try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                data = files.read_json(path)
+            except OSError as e:
                 problems.append(f"{path}: unreadable ({e}) (skipped)")
+                continue
+            except files.DamagedFile as e:
+                problems.append(f"{e} (skipped)")
                 continue
             if not isinstance(data, dict) or not isinstance(data.get("summary"), dict):
                 problems.append(f"{path}: not a run record (no summary) (skipped)")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from uapt import files
 from uapt.data import collate
 from uapt.models import hidden_states
 from uapt.objectives import TeacherTopK, output_head, teacher_topk, valid_mask
@@ -83,8 +82,10 @@ class TeacherCache:
         todo: dict[str, Mapping[str, Any]] = {}
         for row in rows:
             key = row_key(row["input_ids"], row["labels"])
-            if key in todo or self.path(key).is_file():
-                self.reused += key not in todo
+            if key in todo:
+                continue
+            if self._readable(key, row):
+                self.reused += 1
                 continue
             todo[key] = row
         if not todo:
@@ -134,13 +135,26 @@ class TeacherCache:
             "rest": part.rest.float().cpu().contiguous(),
             "nll": part.nll.float().cpu().contiguous(),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
+        files.publish_file(self.path(key), lambda tmp: save_file(tensors, str(tmp)))
+
+    def _readable(self, key: str, row: Mapping[str, Any]) -> bool:
+        """Whether the row's file exists and reads back whole: checked when filling, so that a
+        damaged row is rebuilt before training (named in a warning), not found mid-run."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        n_valid = int(valid_mask(torch.as_tensor([row["labels"]])).sum())
         try:
-            save_file(tensors, tmp)
-            os.replace(tmp, self.path(key))
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+            t = load_file(str(path))
+            ok = t["ids"].dim() == 2 and t["ids"].shape[1] <= self.k
+            ok = ok and all(t[name].shape[0] == n_valid for name in ("ids", "logp", "rest", "nll"))
+        except Exception as e:  # safetensors raises its own errors on a torn header or body
+            ok, why = False, f"{type(e).__name__}: {e}"
+        else:
+            why = f"holds shapes for another row ({tuple(t['ids'].shape)}, {n_valid} valid)"
+        if not ok:
+            log.warning("teacher cache row %s is damaged (%s); computing it again", path, why)
+        return ok
 
     def lookup(self, batch: Mapping[str, torch.Tensor]) -> TeacherTopK:
         """The teacher at the batch's valid positions (token_loss's order), rows read from disk."""

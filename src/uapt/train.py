@@ -14,7 +14,6 @@ import logging
 import math
 import random
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -30,10 +29,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from uapt import checkpoint, distributed, evaluation, fsdp, records, teacher_cache
+from uapt import (
+    checkpoint,
+    distributed,
+    evaluation,
+    files,
+    fsdp,
+    inputs,
+    records,
+    run_folder,
+    run_lock,
+    teacher_cache,
+)
 from uapt.batches import BatchStream, select_global, to_device
 from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
+from uapt.errors import UserError, show_traceback
 from uapt.launch import preempt_signal
 from uapt.models import AdaptersOff, hidden_states, load_model, load_tokenizer, make_teacher
 from uapt.objectives import (
@@ -485,6 +496,7 @@ def base_model_scores(cfg: Mapping[str, Any], parts: Components, device: torch.d
         cfg["eval"],
         cfg["cache_dir"],
         init_seed=cfg["seed"],
+        inputs=cfg.get("inputs"),
         evaluate_fn=lambda: evaluation.run_suite(
             parts.model, parts.tokenizer, cfg["eval"], device=device
         ),
@@ -497,8 +509,10 @@ def train(
     record: records.RunRecord | None,
     tracker: Tracker | None,
     world: distributed.World,
+    lock: run_lock.RunLock | None = None,
 ) -> None:
-    """Train (and evaluate) one run in `folder`. Only rank 0 has a record and a tracker."""
+    """Train (and evaluate) one run in `folder`. Only rank 0 has a record, a tracker and the
+    run's lock (checked at every step: a process frozen past the lock's staleness stops)."""
     trainer_cfg = cfg["trainer"]
     device = pick_device(trainer_cfg["device"], world)
     seed_everything(cfg["seed"], trainer_cfg["deterministic"])
@@ -524,7 +538,7 @@ def train(
             timings={"setup_s": round(time.perf_counter() - started, 2)},
         )
 
-    run_loop(loop, parts, checkpoints, metrics, tracker)
+    run_loop(loop, parts, checkpoints, metrics, tracker, lock)
     train_s = time.perf_counter() - started
     metrics["val/loss"] = validation_loss(parts.model, parts.val_set, trainer_cfg, pad, device)
     if fsdp.is_sharded(parts.model):  # every rank gathers; rank 0 saves and evaluates a copy
@@ -552,6 +566,7 @@ def run_loop(
     checkpoints: Path,
     metrics: dict[str, float],
     tracker: Tracker | None,
+    lock: run_lock.RunLock | None = None,
 ) -> None:
     """Step until max_steps: log, checkpoint, and stop cleanly on a signal."""
     trainer_cfg = loop.cfg["trainer"]
@@ -567,6 +582,8 @@ def run_loop(
     )
     with StopSignals() as stop:
         while loop.step < trainer_cfg["max_steps"]:
+            if lock:
+                lock.check()
             row = loop.train_step()
             bar.update(1)
             if not math.isfinite(row["loss"]):
@@ -614,12 +631,9 @@ def evaluate_run(
 
 def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
     """The final weights as a loadable folder (`model.path=<run>/model`), published atomically."""
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with files.staging_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def log_step(
@@ -666,48 +680,79 @@ def resume(
     metrics_path: Path,
     world: distributed.World,
 ) -> dict[str, float]:
-    """Restore the newest valid checkpoint, if any; drop metric rows logged after it."""
-    latest = checkpoint.latest(folder)
-    if latest is None:
+    """Restore the newest checkpoint that loads, if any; keep the metric rows logged up to it."""
+    restored = checkpoint.restore(folder, model, loop.optimizer, loop.scheduler, world)
+    if restored is None:
         if world.is_main:
             metrics_path.unlink(missing_ok=True)  # an attempt that died before its first checkpoint
         return {}
-    state = checkpoint.load(latest, model, loop.optimizer, loop.scheduler)
+    path, state = restored
     loop.step, loop.probe_kept = state.step, state.probe_kept
     if world.is_main and metrics_path.exists():
-        rows = [
-            r for r in metrics_path.read_text().splitlines() if json.loads(r)["step"] <= state.step
-        ]
-        metrics_path.write_text("".join(r + "\n" for r in rows))
-    log.info("resuming from %s (step %d)", latest, state.step)
+        rows = metric_rows_up_to(metrics_path, state.step)
+        files.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    log.info("resuming from %s (step %d)", path, state.step)
     return dict(state.metrics)
+
+
+def metric_rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl up to `step`; a line a kill cut short is dropped (named)."""
+    rows = []
+    for lineno, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if row["step"] <= step:
+                rows.append(row)
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s:%d: dropping a damaged metrics row (%r)", path, lineno, line[:80])
+    return rows
 
 
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
     validate(cfg)
+    cfg = inputs.with_fingerprints(dict(cfg))  # local data and models: their content is the id
     folder = records.run_dir(cfg)
     outcome = {"id": records.run_id(cfg), "slug": records.run_slug(cfg), "dir": str(folder)}
-    nproc = cfg["trainer"]["nproc"]
-    if nproc > 1 and not distributed.under_torchrun():
-        log.info("launching %d processes with torchrun", nproc)
-        code = distributed.relaunch_with_torchrun(nproc, [*hydra_overrides(), "hydra.mode=RUN"])
-        status = (records.read_record(folder) or {}).get("status", "failed")
-        if code:
-            raise RuntimeError(f"torchrun exited with {code}; see {folder / 'train.log'}")
-        return {**outcome, "status": status}
+    if cfg["trainer"]["nproc"] > 1 and not distributed.under_torchrun():
+        return relaunch(cfg, folder, outcome)
     world = distributed.init(pick_device(cfg["trainer"]["device"], distributed.World()))
-    existing = records.read_record(folder)
-    if existing and existing.get("status") == "completed" and not cfg["force"]:
-        log.info(
-            "%s already completed in %s; not training again (force=true to override)",
-            outcome["slug"],
-            folder,
-        )
-        return {**outcome, "status": "skipped"}
-    if cfg["force"] and world.is_main:
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    distributed.barrier(world)
+    with run_folder.claim(folder, cfg["force"], world) as claim:
+        if claim.skipped:
+            log.info("%s: not training %s (%s)", claim.skipped, outcome["slug"], folder)
+            return {**outcome, "status": "skipped", "reason": claim.skipped}
+        return train_claimed(cfg, folder, outcome, world, claim.lock)
+
+
+def relaunch(cfg: Mapping[str, Any], folder: Path, outcome: dict[str, Any]) -> dict[str, Any]:
+    """`trainer.nproc > 1`: this process claims the run and runs it under torchrun."""
+    world = distributed.World()
+    with run_folder.claim(folder, cfg["force"], world) as claim:
+        if claim.skipped:
+            log.info("%s: not training %s (%s)", claim.skipped, outcome["slug"], folder)
+            return {**outcome, "status": "skipped", "reason": claim.skipped}
+        nproc = cfg["trainer"]["nproc"]
+        log.info("launching %d processes with torchrun", nproc)
+        env = {run_lock.INHERITED_ENV: str(claim.lock.path)} if claim.lock else {}
+        # the ranks must not move previous results again: this process did
+        argv = [*hydra_overrides(), "hydra.mode=RUN", *(["force=false"] if cfg["force"] else [])]
+        code = distributed.relaunch_with_torchrun(nproc, argv, env)
+        status = (run_folder.heal_record(folder) or {}).get("status", "failed")
+        if code or status != "completed":
+            run_folder.settle(folder, succeeded=False)
+            raise RuntimeError(f"torchrun exited with {code}; see {folder / 'train.log'}")
+        run_folder.settle(folder, succeeded=True)
+        return {**outcome, "status": status}
+
+
+def train_claimed(
+    cfg: Mapping[str, Any],
+    folder: Path,
+    outcome: dict[str, Any],
+    world: distributed.World,
+    lock: run_lock.RunLock | None,
+) -> dict[str, Any]:
+    """Train a run this process group holds; rank 0 keeps the record, the log and W&B."""
     record = tracker = handler = None
     if world.is_main:
         record = records.RunRecord.start(folder, cfg, world.world_size)
@@ -715,7 +760,7 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
         tracker = Tracker(folder, cfg, outcome["id"], outcome["slug"])
     failed = True
     try:
-        train(cfg, folder, record, tracker, world)
+        train(cfg, folder, record, tracker, world, lock)
         if record:
             record.complete()
             log.info("completed %s -> %s", outcome["slug"], folder / "run.json")
@@ -731,6 +776,8 @@ def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if handler:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if world.is_main and not run_lock.inherited():
+            run_folder.settle(folder, succeeded=not failed)
 
 
 def hydra_overrides() -> list[str]:
@@ -764,11 +811,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     multirun = in_multirun()
     try:
         outcome = execute(OmegaConf.to_container(cfg, resolve=True))
-    except ConfigError as e:
+    except UserError as e:  # a bad config, data file, model source or damaged file: named
         if not multirun:
-            log.error("bad configuration: %s", e)
+            if show_traceback():
+                raise
+            log.error("%s: %s", "bad configuration" if isinstance(e, ConfigError) else "error", e)
             raise SystemExit(2) from None
-        outcome = failed_outcome(cfg, f"bad configuration: {e}")
+        outcome = failed_outcome(cfg, f"{type(e).__name__}: {e}")
     except Interrupted as e:  # a signal: the checkpoint is written; stop (the whole sweep too)
         log.warning("%s", e)
         raise SystemExit(130) from None
@@ -784,7 +833,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = inputs.with_fingerprints(OmegaConf.to_container(cfg, resolve=True))
         ids = {"id": records.run_id(plain), "slug": records.run_slug(plain)}
     except Exception:
         ids = {"id": None, "slug": None}
