@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The tests never touch the network: the Hub and W&B are offline.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format uat bench gpu-check gpu-wheels clean
+.PHONY: setup demo test lint format uat bench gpu-check gpu-wheels clean slurm-packages cluster-start cluster-stop
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,38 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# tests/test_slurm.py runs a one-node SLURM cluster with accounting from Debian's packages
+# (docs/cluster.md). As root (CI) they are installed when missing, with their system services kept
+# from starting (policy-rc.d); otherwise the missing programs are named and the SLURM tests fail.
+SLURM_PACKAGES := slurmctld slurmd slurmdbd slurm-client munge mariadb-server
+SLURM_PROGRAMS := slurmctld slurmd slurmdbd sbatch munged mariadbd
+slurm-packages:
+	@missing=$$(for p in $(SLURM_PROGRAMS); do \
+	  PATH="$$PATH:/usr/sbin" command -v $$p >/dev/null || echo $$p; done); \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "not found: $$missing; the SLURM tests need $(SLURM_PACKAGES)"; exit 0; fi; \
+	echo "installing $(SLURM_PACKAGES)"; \
+	guard=/usr/sbin/policy-rc.d; ours=; \
+	if [ ! -e $$guard ]; then printf '#!/bin/sh\nexit 101\n' > $$guard; chmod +x $$guard; ours=1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	install="apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES)"; \
+	$$install >/dev/null 2>&1 || { apt-get update -qq && $$install >/dev/null; }; status=$$?; \
+	[ -z "$$ours" ] || rm -f $$guard; exit $$status
+
+# The same cluster by hand, in $(CLUSTER_DIR): start prints the `export SLURM_CONF=...` to use it.
+CLUSTER_DIR ?= .slurm
+cluster-start: slurm-packages
+	@$(PYTHON) tests/slurm_cluster.py start $(CLUSTER_DIR)
+
+cluster-stop:
+	@$(PYTHON) tests/slurm_cluster.py stop $(CLUSTER_DIR)
+
 demo: setup
 	$(BIN)/uapt-train sweep=demo
 	$(BIN)/uapt-table experiments/demo.yaml --runs runs --plot runs/plots/demo
 
-test: setup
+test: setup slurm-packages
 	$(OFFLINE) $(BIN)/pytest -q tests uat -m "not full"
 
 uat: setup

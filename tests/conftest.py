@@ -48,3 +48,23 @@ def tiny_model(tiny_tokenizer):
     torch.manual_seed(0)
     cfg = tiny_model_cfg()
     return load_model(cfg, tiny_tokenizer, CACHE_DIR, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node SLURM cluster with accounting (tests/slurm_cluster.py) for the whole session,
+    in a temp folder; every daemon it started is stopped at the end. No skip: a cluster that
+    cannot start fails the tests that need it, in one line."""
+    from slurm_cluster import Cluster, ClusterError
+
+    cluster, error = Cluster(tmp_path_factory.mktemp("slurm"), tied=True), None
+    try:
+        cluster.start()
+    except ClusterError as e:
+        error = str(e)
+    if error:  # outside the except: one line, no chained traceback
+        pytest.fail(f"SLURM test cluster: {error}", pytrace=False)
+    yield cluster
+    killed = cluster.stop()
+    if killed:
+        pytest.fail(f"SLURM test cluster: had to SIGKILL {', '.join(killed)}", pytrace=False)

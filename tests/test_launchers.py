@@ -1,8 +1,8 @@
 """Sweep launchers: conf/hydra/launcher/{slurm,local_parallel}.yaml and uapt.launch.
 
-SLURM is checked without a cluster: the plugin's own launch() runs up to the point where it would
-call sbatch, and the sbatch script it wrote is read instead. local_parallel runs a real 2-point
-sweep as separate processes.
+Here SLURM is checked without a cluster: the launcher's launch() runs up to the point where it
+would call sbatch, and the sbatch script it wrote is read instead (tests/test_slurm.py runs real
+sweeps on a real cluster). local_parallel runs a real 2-point sweep as separate processes.
 """
 
 from __future__ import annotations
@@ -194,10 +194,13 @@ def test_slurm_sbatch_script_carries_our_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # "srun found"
     monkeypatch.setattr(slurm.SlurmExecutor, "_submit_command", fake_submit)
+    monkeypatch.setattr(slurm.SlurmJob, "done", lambda self, force_check=False: True)
     monkeypatch.setattr(slurm.SlurmJob, "results", lambda self: [self.job_id])
+    monkeypatch.setattr(launch, "RESULT_GRACE_S", 0)  # no result file will come
+    monkeypatch.setattr(launch, "slurm_queue", lambda arrays: None)  # no squeue here
 
     cfg = compose(*SLURM_OVERRIDES, f"hydra.sweep.dir={tmp_path}")
-    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.uapt_launcher.SlurmLauncher"
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     grid = [["objective=mle"], ["objective=masked_mle"], ["objective=self_distill"]]

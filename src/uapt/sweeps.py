@@ -30,11 +30,14 @@ def outcomes_dir(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir).expanduser() / "outcomes"
 
 
+def outcome_path(sweep_dir: str | Path, job_num: int) -> Path:
+    return outcomes_dir(sweep_dir) / f"{int(job_num):05d}.json"
+
+
 def record_outcome(outcome: dict[str, Any]) -> None:
     """Called by a multirun job: leave its outcome where the sweep's summary will find it."""
     hydra_cfg = HydraConfig.get()
-    folder = outcomes_dir(hydra_cfg.sweep.dir)
-    files.write_json(folder / f"{int(hydra_cfg.job.num):05d}.json", outcome)
+    files.write_json(outcome_path(hydra_cfg.sweep.dir, hydra_cfg.job.num), outcome)
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> str:
