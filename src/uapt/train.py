@@ -40,6 +40,7 @@ from uapt import (
     run_folder,
     run_lock,
     teacher_cache,
+    tune,
 )
 from uapt.batches import BatchStream, select_global, to_device
 from uapt.config import ConfigError, accumulation_steps, validate
@@ -828,7 +829,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         outcome = failed_outcome(cfg, f"{type(e).__name__}: {e}")
     if multirun:
         record_outcome(outcome)
-    return outcome
+    metric = tune.trial_metric()  # a tuning sweep's trial: the study wants a number
+    return tune.trial_value(outcome, metric) if metric else outcome
 
 
 def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Registers uapt's launchers with Hydra, which only instantiates plugins under `hydra_plugins`.
+"""Registers uapt's launchers and tuning sweeper with Hydra, which only instantiates plugins under
+`hydra_plugins`.
 
-The code lives in uapt.launch; `hydra/launcher=local_parallel` and `hydra/launcher=slurm`
-(conf/hydra/launcher/) target these.
+The code lives in uapt.launch and uapt.tune; `hydra/launcher=local_parallel`,
+`hydra/launcher=slurm` and `hydra/sweeper=uapt_optuna` (conf/hydra/) target these names.
 """
 
 from uapt.launch import LocalParallelLauncher as _LocalParallelLauncher
 from uapt.launch import SlurmLauncher as _SlurmLauncher
+from uapt.tune import StudiesSweeper as _StudiesSweeper
 
 
 class LocalParallelLauncher(_LocalParallelLauncher):
@@ -14,3 +16,7 @@ class LocalParallelLauncher(_LocalParallelLauncher):
 
 class SlurmLauncher(_SlurmLauncher):
     """uapt.launch.SlurmLauncher under the name Hydra accepts."""
+
+
+class StudiesSweeper(_StudiesSweeper):
+    """uapt.tune.StudiesSweeper under the name Hydra accepts."""
