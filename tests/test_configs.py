@@ -34,7 +34,10 @@ def sweep_points(sweep: str) -> list[list[str]]:
     """Each value of each swept parameter once (the others at their first value)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"sweep={sweep}"], return_hydra_config=True)
-    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    if cfg.hydra.sweeper.get("grid"):  # a tuning sweep: its grid, the searched keys at defaults
+        params = {k: list(v) for k, v in cfg.hydra.sweeper.grid.items()}
+    else:
+        params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     first = {k: values[0] for k, values in params.items()}
     points = [{**first, key: value} for key, values in params.items() for value in values]
     return [[f"{k}={v}" for k, v in point.items()] for point in points]

@@ -712,6 +712,7 @@ def metric_rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
 def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
     validate(cfg)
+    tune.check_tuned(cfg)
     cfg = inputs.with_fingerprints(dict(cfg))  # local data and models: their content is the id
     folder = records.run_dir(cfg)
     outcome = {"id": records.run_id(cfg), "slug": records.run_slug(cfg), "dir": str(folder)}

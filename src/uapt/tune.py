@@ -70,6 +70,43 @@ def trial_value(outcome: Mapping[str, Any], metric: str) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
+def check_tuned(cfg: Mapping[str, Any]) -> None:
+    """A run composed with tuned=<study> must run at the tuned values: a command-line value for a
+    tuned key would silently win over the file (Hydra applies the command line last)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    tuned = cfg.get("tuned")
+    if not tuned or not HydraConfig.initialized():
+        return
+    choices = HydraConfig.get().runtime.choices
+    for key, node in _leaves(tuned.get("values") or {}):
+        expected = node
+        for group in _grid_groups(tuned):
+            expected = expected.get(choices.get(group), {}) if isinstance(expected, Mapping) else {}
+        section, _, leaf = key.rpartition(".")
+        actual = (cfg.get(section) or {}).get(leaf) if section else cfg.get(leaf)
+        if isinstance(expected, int | float) and actual != expected:
+            raise ConfigError(
+                f"{key}={actual!r} overrides the tuned value {expected!r} of tuned="
+                f"{tuned.get('study')}: drop it from the command line or the tuned=... override"
+            )
+
+
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, {point: value}) for each tuned key of a `tuned.values` tree."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, Mapping) and all(isinstance(x, Mapping) for x in v.values()):
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def _grid_groups(tuned: Mapping[str, Any]) -> list[str]:
+    return list(tuned.get("grid") or [])
+
+
 @dataclass
 class Trial:
     overrides: tuple[str, ...]
@@ -144,6 +181,7 @@ def tuned_document(
             "study": experiment,
             "metric": metric,
             "sampler": sampler,
+            "grid": list(grid),
             "best": evidence,
             "values": values,
         }
@@ -267,6 +305,18 @@ class StudiesSweeper(OptunaSweeper):
         if not keys:
             raise ConfigError(
                 "hydra.sweeper.params: nothing to search (e.g. trainer.lr: tag(log, interval(1e-5, 1e-3)))"
+            )
+        fixed = sorted({a.split("=", 1)[0].lstrip("+~") for a in arguments} & set(keys))
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)} is searched (hydra.sweeper.params) and also set on the "
+                "command line, which would fix it for every trial: drop one of the two"
+            )
+        grid_given = sorted({a.split("=", 1)[0] for a in arguments} & set(self.grid))
+        if grid_given:
+            raise ConfigError(
+                f"{', '.join(grid_given)} is the study grid (hydra.sweeper.grid): set the grid "
+                "there, not on the command line"
             )
         studies = run_studies(self, arguments, self.grid)
         print(report(studies, keys, self.metric), flush=True)
