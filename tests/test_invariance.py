@@ -1,8 +1,9 @@
 """A run's numbers depend on its config, never on how the global batch is split.
 
 The same config (global batch 8) is trained for a few steps as accumulation x micro-batch of
-8x1, 4x2 and 1x8 in one process, and as 2 ranks x micro-batch 4 under DDP and FSDP (gloo, two
-forked processes), for every named objective on both loss paths. Losses and grad norms per step,
+8x1, 4x2 and 1x8 in one process, packed (no padding) and split by a token budget, and as 2 ranks
+x micro-batch 4 under DDP and FSDP, and DDP packed by a token budget (gloo, two forked
+processes), for every named objective on both loss paths. Losses and grad norms per step,
 the kept set of every row at every step, and the final weights must agree with the 1x8 run.
 The rows differ in length by more than 5x, so any per-micro-batch or per-row mean would show.
 """
@@ -29,11 +30,23 @@ OBJECTIVES = {
     "rho1": ["objective=rho1"],
 }
 PATHS = {"full": 0, "chunked": 16}  # chunk_size 16: several chunks per micro-batch
-SPLITS = {"8x1": 1, "4x2": 2, "1x8": 8}  # accumulation x micro-batch in one process
-RANKED = ("ddp", "fsdp")  # 2 ranks x micro-batch 4
+PACKED = ["trainer.packing=true"]  # rows run as one sequence without padding
+BUDGET = [*PACKED, "trainer.max_tokens_per_micro_batch=300"]  # 3-4 micro-batches of <= 300 tokens
+# In one process: accumulation x micro-batch, packed, and split by a token budget.
+SPLITS = {
+    "8x1": (1, []),
+    "4x2": (2, []),
+    "1x8": (8, []),
+    "4x2-packed": (2, PACKED),
+    "budget": (8, BUDGET),
+}
+# 2 ranks x micro-batch 4 (DDP, FSDP), and DDP with packed rows split by a token budget.
+RANKED = {"ddp": (False, []), "fsdp": (True, []), "ddp-budget": (False, BUDGET)}
 
 
-def compose(objective: str, path: str, micro: int, cache_dir: Path, fsdp: bool = False) -> dict:
+def compose(
+    objective: str, path: str, micro: int, cache_dir: Path, fsdp: bool = False, extra=()
+) -> dict:
     from helpers import REPO
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -58,6 +71,7 @@ def compose(objective: str, path: str, micro: int, cache_dir: Path, fsdp: bool =
         "trainer.device=cpu",
         f"trainer.fsdp={str(fsdp).lower()}",
         f"cache_dir={cache_dir}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides)
@@ -79,16 +93,21 @@ def run_steps(cfg: dict, world) -> dict:
 
     def recording(*args, **kwargs):
         out = forward_loss(*args, **kwargs)
-        micro = recording.calls % stream.accumulation
-        for row, j in enumerate(stream.own_rows(micro)):
+        layout = stream.layout(stream.step_rows(loop.step))[stream.rank]
+        micro = recording.calls - recording.first_call[loop.step]
+        for row, j in enumerate(layout[micro]):
             kept[loop.step, j] = tuple(out.kept[row].nonzero().flatten().tolist())
         recording.calls += 1
         return out
 
     recording.calls = 0
+    recording.first_call = {}
     train.forward_loss = recording
+    steps = []
     try:
-        steps = [loop.train_step() for _ in range(STEPS)]
+        for step in range(STEPS):
+            recording.first_call[step] = recording.calls
+            steps.append(loop.train_step())
     finally:
         train.forward_loss = forward_loss
     if fsdp.is_sharded(parts.model):
@@ -113,10 +132,12 @@ def single(cache_dir) -> dict:
     torch.set_num_threads(1)  # tiny matrices: more threads only contend on 2 shared cores
     try:
         return {
-            (objective, path, split): run_steps(compose(objective, path, micro, cache_dir), World())
+            (objective, path, split): run_steps(
+                compose(objective, path, micro, cache_dir, extra=extra), World()
+            )
             for objective in OBJECTIVES
             for path in PATHS
-            for split, micro in SPLITS.items()
+            for split, (micro, extra) in SPLITS.items()
         }
     finally:
         torch.set_num_threads(threads)
@@ -133,8 +154,8 @@ def _rank_worker(rank: int, init_file: str, cache_dir: Path, out: Path) -> None:
         results = {}
         for objective in OBJECTIVES:
             for path in PATHS:
-                for kind in RANKED:
-                    cfg = compose(objective, path, BATCH // 2, cache_dir, fsdp=kind == "fsdp")
+                for kind, (fsdp, extra) in RANKED.items():
+                    cfg = compose(objective, path, BATCH // 2, cache_dir, fsdp=fsdp, extra=extra)
                     results[objective, path, kind] = run_steps(cfg, World(rank, 2, rank))
         torch.save(results, out / f"rank{rank}.pt")
     finally:

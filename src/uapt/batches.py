@@ -59,11 +59,52 @@ def row_noise(key: tuple, length: int) -> torch.Tensor:
     return torch.rand(length, generator=torch.Generator().manual_seed(noise_seed(*key)))
 
 
-def selection_spans(spec: ObjectiveSpec, micro_batch_size: int, global_rows: int) -> bool:
-    """Whether a selection group reaches beyond one micro-batch (then the loop selects)."""
+def selection_spans(spec: ObjectiveSpec, layout: Sequence[Sequence[Sequence[int]]]) -> bool:
+    """Whether a selection group reaches beyond one micro-batch (then the loop selects first).
+
+    layout[rank][micro]: the global row indices of every micro-batch of the step."""
     if spec.mask_ratio == 0 or spec.scope == "sequence":
         return False
-    return micro_batch_size % (spec.scope_size or global_rows) != 0
+    where = {
+        j: (r, m) for r, micros in enumerate(layout) for m, rows in enumerate(micros) for j in rows
+    }
+    size = spec.scope_size or len(where)
+    return any(
+        len({where[j] for j in range(start, start + size)}) > 1
+        for start in range(0, len(where), size)
+    )
+
+
+def first_fit(costs: Sequence[int], budget: int, cost: Callable[[Sequence[int]], int]) -> int:
+    """How many consecutive groups the rows need so that each costs at most `budget` (a row
+    over the budget alone makes a group of its own)."""
+    groups, current = 0, []
+    for c in costs:
+        if current and cost([*current, c]) > budget:
+            groups, current = groups + 1, []
+        current.append(c)
+    return groups + bool(current)
+
+
+def partition(costs: Sequence[int], parts: int, cost: Callable[[Sequence[int]], int]) -> list[int]:
+    """Split rows into exactly `parts` consecutive non-empty groups with the smallest largest
+    group cost (dynamic programming); returns the group sizes."""
+    n = len(costs)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], cost(costs[j:i]))
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    sizes, i = [], n
+    for k in range(parts, 0, -1):
+        sizes.append(i - cut[k][i])
+        i = cut[k][i]
+    return sizes[::-1]
 
 
 def select_global(
@@ -102,7 +143,11 @@ class BatchStream:
     """Deterministic data order: a seeded permutation per epoch, read as one endless stream.
 
     Row p of the stream is a pure function of (seed, p), so resuming at a step needs nothing but
-    the step number, and a global batch holds the same rows however it is split.
+    the step number, and a global batch holds the same rows however it is split: into
+    `micro_batch_size` rows per micro-batch (rank r's micro-batch m holds rows
+    (m * W + r) * mb ...), or, with `max_tokens`, into micro-batches of at most that many
+    computed tokens (each rank a contiguous block of the global batch, every rank the same
+    number of micro-batches, since FSDP's collectives need as many forwards on every rank).
     """
 
     dataset: Any
@@ -112,6 +157,10 @@ class BatchStream:
     rank: int = 0
     world_size: int = 1
     accumulation: int = 1
+    max_tokens: int | None = (
+        None  # token budget of a micro-batch (trainer.max_tokens_per_micro_batch)
+    )
+    packed: bool = False  # what a micro-batch costs: its real tokens (packed) or rows x longest
     _perms: dict[int, list[int]] = field(default_factory=dict)
 
     @property
@@ -125,35 +174,60 @@ class BatchStream:
             self._perms = {epoch: torch.randperm(len(self.dataset), generator=gen).tolist()}
         return self.dataset[self._perms[epoch][offset]]
 
-    def own_rows(self, micro: int) -> list[int]:
-        """Global row indices of this rank's micro-batch `micro` within a step's global batch."""
-        start = (micro * self.world_size + self.rank) * self.micro_batch_size
-        return list(range(start, start + self.micro_batch_size))
-
-    def rows(self, k: int) -> list[dict[str, Any]]:
-        """This rank's rows of micro-batch k, counted over the whole run."""
-        step, micro = divmod(k, self.accumulation)
+    def step_rows(self, step: int) -> list[dict[str, Any]]:
         base = step * self.global_rows
-        return [self.row(base + j) for j in self.own_rows(micro)]
+        return [self.row(base + j) for j in range(self.global_rows)]
+
+    def _cost(self, lengths: Sequence[int]) -> int:
+        return sum(lengths) if self.packed else len(lengths) * max(lengths)
+
+    def layout(self, rows: Sequence[dict[str, Any]]) -> list[list[list[int]]]:
+        """layout[rank][micro]: the global row indices of every micro-batch of a global batch."""
+        ranks = range(self.world_size)
+        if self.max_tokens is None:
+            mb, w = self.micro_batch_size, self.world_size
+            return [
+                [
+                    list(range((m * w + r) * mb, (m * w + r + 1) * mb))
+                    for m in range(self.accumulation)
+                ]
+                for r in ranks
+            ]
+        per_rank = len(rows) // self.world_size
+        blocks = [list(range(r * per_rank, (r + 1) * per_rank)) for r in ranks]
+        lengths = [[len(rows[j]["input_ids"]) for j in block] for block in blocks]
+        parts = max(first_fit(ls, self.max_tokens, self._cost) for ls in lengths)
+        out = []
+        for block, ls in zip(blocks, lengths, strict=True):
+            sizes, start, micros = partition(ls, parts, self._cost), 0, []
+            for size in sizes:
+                micros.append(block[start : start + size])
+                start += size
+            out.append(micros)
+        return out
+
+    def rank_rows(self, step: int) -> list[dict[str, Any]]:
+        """The rows this rank reads in step `step` (for filling a teacher cache)."""
+        rows = self.step_rows(step)
+        return [rows[j] for micro in self.layout(rows)[self.rank] for j in micro]
 
     def micro_batch(self, k: int) -> Batch:
-        """This rank's micro-batch k (counted over the whole run), collated on the CPU."""
-        return collate(self.rows(k), self.pad_id)
+        """Micro-batch k of this rank, counted over the whole run (fixed micro-batch size)."""
+        step, micro = divmod(k, self.accumulation)
+        rows = self.step_rows(step)
+        return collate([rows[j] for j in self.layout(rows)[self.rank][micro]], self.pad_id)
 
     def plan(
         self, step: int, spec: ObjectiveSpec, score: ScoreFn, world: distributed.World, device
     ) -> StepPlan:
         """This rank's micro-batches of step `step`, the global counts and spanning selections."""
-        base = step * self.global_rows
-        rows = [self.row(base + j) for j in range(self.global_rows)]
-        own = [self.own_rows(m) for m in range(self.accumulation)]
+        rows = self.step_rows(step)
+        layout = self.layout(rows)
+        own = layout[self.rank]
         batches = [to_device(collate([rows[j] for j in idx], self.pad_id), device) for idx in own]
         counts = step_counts(valid_mask(collate(rows, self.pad_id)["labels"]), spec)
-        kept: list[torch.Tensor | None] = [None] * self.accumulation
-        if spec.mask_ratio > 0 and (
-            spec.select == "random"
-            or selection_spans(spec, self.micro_batch_size, self.global_rows)
-        ):
+        kept: list[torch.Tensor | None] = [None] * len(own)
+        if spec.mask_ratio > 0 and (spec.select == "random" or selection_spans(spec, layout)):
             noise_key = lambda j: (self.seed, step, j)  # noqa: E731
             chosen = select_global(rows, own, batches, spec, score, noise_key, world, device)
             kept = [

@@ -90,6 +90,9 @@ TRAINER: dict[str, tuple[Check, str]] = {
     "nproc": number(1, integer=True),
     "fsdp": BOOL,
     "save_model": BOOL,
+    "packing": BOOL,
+    "max_tokens_per_micro_batch": optional(number(1, integer=True)),
+    "compile": one_of("auto", True, False),
 }
 MODEL: dict[str, tuple[Check, str]] = {
     "name": TEXT,

@@ -33,28 +33,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from uapt.models import causal_lm
+from uapt.models import causal_lm, decoder_layers
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, rank 0 only
 
 
 # ----------------------------------------------------------------------------- sharding
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks: modules of the classes transformers never splits across devices
-    (`_no_split_modules`, e.g. LlamaDecoderLayer), else the children of `get_decoder().layers`."""
-    lm = causal_lm(model)
-    names = set(getattr(lm, "_no_split_modules", None) or ())
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers and hasattr(lm, "get_decoder"):
-        layers = list(getattr(lm.get_decoder(), "layers", None) or ())
-    if not layers:
-        raise ValueError(
-            f"fsdp: found no decoder layers in {type(lm).__name__} (neither _no_split_modules "
-            "classes nor get_decoder().layers); FSDP needs per-layer units to save memory"
-        )
-    return layers
-
-
 def shard(model: torch.nn.Module, mixed_precision: bool = False) -> torch.nn.Module:
     """Shard `model` in place across the default process group: one FSDP unit per decoder layer,
     then the causal LM as the root unit (embeddings, final norm, output layer). Returns `model`.

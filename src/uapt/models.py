@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -442,13 +443,17 @@ def decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Final (normed) hidden states [B, T, H]: the input of the output layer, no logits computed.
 
     The model's own forward runs (so DDP's gradient hooks, peft's adapters and the teacher
     view's no_grad / adapters-off all apply) with `logits_to_keep` set to no position, and the
-    decoder's output is taken with a forward hook.
+    decoder's output is taken with a forward hook. `packed`: see `packed_forward`.
     """
     lm = causal_lm(model)
     captured: list[torch.Tensor] = []
@@ -461,14 +466,178 @@ def hidden_states(
     kwargs: dict[str, Any] = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(lm.forward).parameters:
         kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=input_ids.device)
+
+    def run(**inputs: Any) -> torch.Tensor:
+        captured.clear()
+        model(**inputs, **kwargs)
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"hidden_states: the decoder ran {len(captured)} times in one forward"
+            )
+        return captured[0]
+
     handle = decoder(lm).register_forward_hook(grab)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if packed:
+            return packed_forward(run, input_ids, attention_mask)
+        return run(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"hidden_states: the decoder ran {len(captured)} times in one forward")
-    return captured[0]
+
+
+def logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    packed: bool = False,
+) -> torch.Tensor:
+    """The model's logits [B, T, V] (no KV cache; `packed`: see `packed_forward`)."""
+
+    def run(**inputs: Any) -> torch.Tensor:
+        return model(**inputs, use_cache=False).logits  # transformers 5 builds a cache otherwise
+
+    if packed:
+        return packed_forward(run, input_ids, attention_mask)
+    return run(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def packed_forward(
+    run: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Run a right-padded batch [B, T] as ONE sequence of its real tokens, no padding computed.
+
+    The rows are concatenated ([1, N], N = the batch's real tokens) with position ids that
+    restart at 0 for each row and no attention mask: transformers then builds a block-diagonal
+    causal mask (masking_utils' packed-sequence format; flash-attention's varlen on GPU), so no
+    token attends across rows. The output [1, N, D] is scattered back to [B, T, D] (zeros at
+    padding), so everything downstream (selection per sequence, token means) sees the rows as
+    it would unpacked.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keep = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(1) - 1)[keep].unsqueeze(0)
+    out = run(input_ids=input_ids[keep].unsqueeze(0), attention_mask=None, position_ids=positions)
+    padded = out.new_zeros((*input_ids.shape, out.shape[-1]))
+    padded[keep] = out[0]
+    return padded
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: modules of the classes transformers never splits across devices
+    (`_no_split_modules`, e.g. LlamaDecoderLayer), else the children of `get_decoder().layers`."""
+    lm = causal_lm(model)
+    names = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers and hasattr(lm, "get_decoder"):
+        layers = list(getattr(lm.get_decoder(), "layers", None) or ())
+    if not layers:
+        raise ValueError(
+            f"fsdp: found no decoder layers in {type(lm).__name__} (neither _no_split_modules "
+            "classes nor get_decoder().layers); FSDP needs per-layer units to save memory"
+        )
+    return layers
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (`Module.compile`: parameter names, hooks and
+    checkpoints stay as they are). Dynamic shapes: every micro-batch has its own length."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+
+
+ROWS_ATTENTION = "uapt_rows"
+
+
+def rows_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA that runs a packed sequence row by row: causal attention within each row, none across.
+
+    transformers' own packed format builds a block-diagonal [N, N] mask, so attention costs as
+    if the whole packed sequence were one row (N^2, not sum T_i^2); without a varlen kernel (on
+    CPU) that eats the padding saved. A packed batch is [1, N] with position ids restarting at
+    0 at each row: each row gets torch's causal SDPA alone. Anything else (padded batches,
+    generation) is plain SDPA with the mask transformers built.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.pop("position_ids", None)
+    starts = None
+    if query.shape[0] == 1 and positions is not None and query.shape[2] == key.shape[2] > 1:
+        starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0 or len(starts) < 2:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    bounds = [*starts, query.shape[2]]
+    outputs = [
+        sdpa_attention_forward(
+            module,
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            None,
+            dropout,
+            scaling,
+            is_causal=True,
+            **kwargs,
+        )[0]
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(outputs, dim=1), None  # [1, N, heads, head_dim], as sdpa returns it
+
+
+def use_rows_attention(model: torch.nn.Module) -> None:
+    """Packing on an SDPA model: attention row by row (rows_attention) instead of the N^2 mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    lm = causal_lm(model)
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+        return  # eager (Gemma-2), flash-attention: transformers' own packed support
+    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
+    lm.set_attn_implementation(ROWS_ATTENTION)
+
+
+def check_packing(model: torch.nn.Module, name: str, vocab: int) -> None:
+    """Refuse packing for a model that lets packed rows see each other: two short rows, packed
+    and alone, must give the same logits (ConfigError naming the model otherwise)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 6), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = logits(model, ids, mask).float()
+            together = logits(model, ids, mask, packed=True).float()
+    finally:
+        model.train(was_training)
+    keep = mask.bool()
+    err = (alone[keep] - together[keep]).abs().max().item()
+    scale = alone[keep].abs().max().item()
+    # the same rows through the same weights: only kernel rounding may differ (~1e-6 relative
+    # in fp32, ~1e-2 in bf16); a row that sees its neighbour moves logits by O(scale)
+    if not err <= 0.05 * max(scale, 1.0):
+        attn = getattr(causal_lm(model).config, "_attn_implementation", "?")
+        raise ConfigError(
+            f"trainer.packing=true: model {name} (attention {attn}) does not keep packed rows "
+            f"apart (logits move by {err:.3g}); set trainer.packing=false, or an attention "
+            "implementation that honours per-row position ids (model.attn_implementation=sdpa, "
+            "eager or flash_attention_2)"
+        )
 
 
 # ----------------------------------------------------------------------------- identity

@@ -34,6 +34,9 @@ NON_SEMANTIC = {
         "fsdp",
         "val_batches",
         "save_model",
+        "packing",  # the same rows without padding: the same numbers
+        "max_tokens_per_micro_batch",  # another split of the same global batch
+        "compile",  # the same computation, compiled
     },
     "objective": {"chunk_size"},
     "eval": {"batch_size", "max_batch_size", "log_samples"},

@@ -47,7 +47,17 @@ from uapt.config import ConfigError, accumulation_steps, validate
 from uapt.data import build_datasets, collate
 from uapt.errors import UserError, show_traceback
 from uapt.launch import preempt_signal
-from uapt.models import AdaptersOff, hidden_states, load_model, load_tokenizer, make_teacher
+from uapt.models import (
+    AdaptersOff,
+    check_packing,
+    compile_layers,
+    hidden_states,
+    load_model,
+    load_tokenizer,
+    make_teacher,
+    use_rows_attention,
+)
+from uapt.models import logits as model_logits
 from uapt.objectives import (
     Counts,
     ObjectiveSpec,
@@ -124,19 +134,22 @@ def forward_loss(
     *,
     kept: torch.Tensor | None = None,
     counts: Counts | None = None,
+    packed: bool = False,
 ) -> TokenLoss:
     """The objective on one micro-batch: its share of the global batch's token means (`counts`),
     with the kept set selected here or handed in (`kept`). `model` runs forward (it may be a DDP
     wrapper); `bare` is the unwrapped model whose output layer the chunked path applies itself.
-    The teacher is the frozen model (live) or a TeacherCache (read, never run)."""
+    The teacher is the frozen model (live) or a TeacherCache (read, never run). `packed`: the
+    rows run as one sequence without padding (models.packed_forward); the objective sees them
+    as rows all the same."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     teacher, cached = _teacher_inputs(teacher, batch, objective, kept)
     if objective.chunk_size:
-        hidden = hidden_states(model, ids, mask)
+        hidden = hidden_states(model, ids, mask, packed=packed)
         teacher_hidden = teacher_head = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_hidden = hidden_states(teacher, ids, mask)
+                teacher_hidden = hidden_states(teacher, ids, mask, packed=packed)
             teacher_head = output_head(teacher)
         return token_loss_chunked(
             hidden,
@@ -150,14 +163,19 @@ def forward_loss(
             kept=kept,
             counts=counts,
         )
-    # transformers 5 builds a KV cache unless told not to
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    student_logits = model_logits(model, ids, mask, packed=packed)
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            teacher_logits = model_logits(teacher, ids, mask, packed=packed)
     return token_loss(
-        logits, labels, objective, teacher_logits, cached_teacher=cached, kept=kept, counts=counts
+        student_logits,
+        labels,
+        objective,
+        teacher_logits,
+        cached_teacher=cached,
+        kept=kept,
+        counts=counts,
     )
 
 
@@ -167,14 +185,17 @@ def forward_scores(
     teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
     batch: Mapping[str, torch.Tensor],
     objective: ObjectiveSpec,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Selection scores [B, T] of one micro-batch (no grad), for a selection over more rows."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     teacher, cached = _teacher_inputs(teacher, batch, objective, None)
     if objective.chunk_size:
-        teacher_hidden = hidden_states(teacher, ids, mask) if teacher is not None else None
+        teacher_hidden = None
+        if teacher is not None:
+            teacher_hidden = hidden_states(teacher, ids, mask, packed=packed)
         return token_scores_chunked(
-            hidden_states(model, ids, mask),
+            hidden_states(model, ids, mask, packed=packed),
             labels,
             objective,
             output_head(model),
@@ -183,11 +204,11 @@ def forward_scores(
             chunk_size=objective.chunk_size,
             cached_teacher=cached,
         )
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     teacher_logits = None
     if teacher is not None:
-        teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return token_scores(logits, labels, objective, teacher_logits, cached_teacher=cached)
+        teacher_logits = model_logits(teacher, ids, mask, packed=packed)
+    student_logits = model_logits(model, ids, mask, packed=packed)
+    return token_scores(student_logits, labels, objective, teacher_logits, cached_teacher=cached)
 
 
 @torch.no_grad()
@@ -242,11 +263,13 @@ class Trainer:
     def scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Selection scores of a micro-batch, for selections over more rows than it holds."""
         with self.autocast():
-            return forward_scores(self.bare, self.teacher, batch, self.objective)
+            return forward_scores(
+                self.bare, self.teacher, batch, self.objective, self.cfg["trainer"]["packing"]
+            )
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of the global batch."""
-        started, parts, tokens = time.perf_counter(), [], 0
+        started, parts, tokens, computed = time.perf_counter(), [], 0, 0
         plan = self.stream.plan(self.step, self.objective, self.scores, self.world, self.device)
         for micro, batch in enumerate(plan.batches):
             last = micro == len(plan.batches) - 1
@@ -260,6 +283,7 @@ class Trainer:
                     self.bare,
                     kept=plan.kept[micro],
                     counts=plan.counts,
+                    packed=self.cfg["trainer"]["packing"],
                 )
                 # out.total is this micro-batch's share of the global batch's token means: the
                 # shares of all micro-batches and ranks sum to the step's loss. DDP and FSDP
@@ -267,6 +291,7 @@ class Trainer:
                 (out.total * self.world.world_size).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
+            computed += tokens_computed(batch, self.cfg["trainer"]["packing"])
         clip = self.cfg["trainer"]["grad_clip"] or float("inf")
         grad_norm = fsdp.clip_grad_norm_(self.model.parameters(), clip)  # DTensor grads too
         lr = self.scheduler.get_last_lr()[0]
@@ -276,12 +301,16 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         metrics = loss_metrics(parts, self.world)
-        tokens = int(distributed.all_sum(torch.tensor([tokens]), self.world))
+        tokens, computed = distributed.all_sum(
+            torch.tensor([tokens, computed]), self.world
+        ).tolist()
         return {
             **metrics,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / elapsed,
+            "assistant_tokens_per_s": plan.counts.valid / elapsed,  # the tokens trained on
+            "pad_frac": 1 - tokens / max(computed, 1),  # positions computed and thrown away
             "peak_mem_mb": peak_memory_mb(self.device),
         }
 
@@ -314,6 +343,12 @@ class Trainer:
         self.model.train()
         previous, self.probe_kept = self.probe_kept, kept.cpu()
         return None if previous is None else kept_overlap(previous, self.probe_kept)
+
+
+def tokens_computed(batch: Mapping[str, torch.Tensor], packed: bool) -> int:
+    """Positions the model runs on: every padded position, or only the real tokens (packed)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if packed else mask.numel()
 
 
 def loss_metrics(parts: list[TokenLoss], world: distributed.World) -> dict[str, float]:
@@ -423,6 +458,9 @@ def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World
     torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
     model.train()
+    if cfg["trainer"]["packing"]:  # refused here, before any step, for a model that cannot
+        use_rows_attention(model)
+        check_packing(model, cfg["model"]["name"], len(tokenizer))
     teacher = None
     if needs_teacher(cfg["objective"]) and cfg["objective"].get("teacher") == "cached":
         teacher = teacher_cache.open_cache(model, cfg["objective"], cfg["cache_dir"])
@@ -442,6 +480,8 @@ def data_stream(cfg: Mapping[str, Any], parts: Components, world: distributed.Wo
         world.rank,
         world.world_size,
         accumulation_steps(trainer_cfg, world.world_size),
+        max_tokens=trainer_cfg["max_tokens_per_micro_batch"],
+        packed=trainer_cfg["packing"],
     )
 
 
@@ -457,8 +497,7 @@ def fill_teacher_cache(cfg: Mapping[str, Any], parts: Components, stream: BatchS
     cache = parts.teacher
     if not isinstance(cache, teacher_cache.TeacherCache):
         return
-    micro_batches = cfg["trainer"]["max_steps"] * stream.accumulation
-    rows = [row for k in range(micro_batches) for row in stream.rows(k)]
+    rows = [row for step in range(cfg["trainer"]["max_steps"]) for row in stream.rank_rows(step)]
     rows += probe_rows(parts.val_set, cfg["trainer"])
     cache.fill(parts.model, rows, stream.micro_batch_size, stream.pad_id)
     log.info(
@@ -470,16 +509,26 @@ def parallelize(
     cfg: Mapping[str, Any], parts: Components, device: torch.device, world: distributed.World
 ) -> None:
     """Several ranks: DDP (a whole copy per rank), or with trainer.fsdp weights, gradients and
-    optimizer state sharded (FSDP2). Runs after rank 0 alone scored the base model."""
-    if not world.distributed:
-        return
-    if not cfg["trainer"]["fsdp"]:
+    optimizer state sharded (FSDP2); then torch.compile of the decoder layers when wanted. Runs
+    after rank 0 alone scored the base model."""
+    if world.distributed and not cfg["trainer"]["fsdp"]:
         ids = [device.index] if device.type == "cuda" else None
         parts.runner = torch.nn.parallel.DistributedDataParallel(parts.model, device_ids=ids)
-        return
-    fsdp.shard(parts.model, mixed_precision=cfg["trainer"]["precision"] == "bf16")
-    if parts.teacher is not None and not isinstance(parts.teacher, AdaptersOff):
-        fsdp.shard(parts.teacher)  # a frozen copy; LoRA's teacher is the (sharded) student
+    elif world.distributed:
+        fsdp.shard(parts.model, mixed_precision=cfg["trainer"]["precision"] == "bf16")
+        if parts.teacher is not None and not isinstance(parts.teacher, AdaptersOff):
+            fsdp.shard(parts.teacher)  # a frozen copy; LoRA's teacher is the (sharded) student
+    if compile_wanted(cfg["trainer"]["compile"], device):
+        compile_layers(parts.model)
+
+
+# Where torch.compile of the decoder layers pays, by device type (docs/performance.md, "Compiled
+# step"): measured on CPU; not measured on CUDA (no GPU was lent), so off there until it is.
+COMPILE_PAYS = {"cpu": False, "cuda": False}
+
+
+def compile_wanted(setting: str | bool, device: torch.device) -> bool:
+    return COMPILE_PAYS.get(device.type, False) if setting == "auto" else bool(setting)
 
 
 def model_source(model: torch.nn.Module) -> dict[str, Any]:
