@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -176,6 +177,19 @@ def test_csv_is_tidy_with_full_precision(golden_table):
     md = by_key[("gemma2_2b", "IFEval", "masked_mle_distill")]
     assert (md["mean"], md["std"], md["n"], md["delta"], md["base"], md["paper_delta"]) == (
         "50", "1", "3", "8", "35", "7.5")  # fmt: skip
+    # seeds-only over 3 paired seeds: the range of the differences 9, 6, 9 (test_bootstrap.py)
+    assert float(md["delta_lo"]) == pytest.approx(6) and float(md["delta_hi"]) == pytest.approx(9)
+    assert (md["delta_significant"], md["ci_method"], md["ci_paired_seeds"]) == (
+        "true",
+        "seeds",
+        "3",
+    )
+    assert (md["ci_level"], md["ci_draws"], md["ci_seed"]) == ("0.95", "10000", "0")
+    tiny = by_key[("tiny", "IFEval", "masked_mle_distill")]
+    assert (tiny["delta_lo"], tiny["delta_hi"], tiny["delta_significant"], tiny["ci_method"]) == (
+        "0", "7.5", "false", "samples")  # fmt: skip
+    for key in (("gemma2_2b", "IFEval", "mle"), ("tiny", "val loss", "masked_mle_distill")):
+        assert by_key[key]["delta_lo"] == by_key[key]["ci_method"] == ""  # baseline; no interval
     assert float(by_key[("gemma2_2b", "val loss", "mle")]["mean"]) == pytest.approx(4.48 / 3)
     assert by_key[("gemma2_2b", "IFEval", "masked_mle")]["not_aggregated"] == "1 failed"
     assert by_key[("tiny", "GSM8K", "mle")]["mean"] == "" and by_key[("tiny", "GSM8K", "mle")][
@@ -188,7 +202,7 @@ def test_latex_is_booktabs_and_escaped(golden_table):
     for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lllrrrrrl}"):
         assert rule in tex
     assert "masked\\_mle\\_distill" in tex
-    assert "50.0 $\\pm$ 1.0 (+8.0) [n=3]" in tex
+    assert "50.0 $\\pm$ 1.0 (+8.0* [+6.0, +9.0]) [n=3]" in tex
     body = [line for line in tex.splitlines() if line.rstrip().endswith("\\\\")]
     assert len(body) == 1 + 6 and all(line.count("&") == 8 for line in body)
 
@@ -196,7 +210,8 @@ def test_latex_is_booktabs_and_escaped(golden_table):
 def test_rich_rendering_keeps_cells_whole(golden_table):
     text = to_text(golden_table)
     assert "Golden fixture table" in text
-    assert "50.0 ± 1.0 (+8.0) [n=3]" in text
+    assert "50.0 ± 1.0 (+8.0* [+6.0, +9.0]) [n=3]" in text
+    assert "• [lo, hi]: 95 % percentile interval of Δ from a paired bootstrap (10000 draws" in text
     assert "• Not aggregated: 1 failed, 1 running." in text
 
 
@@ -449,7 +464,267 @@ def test_the_published_cpu_reproduction_is_regenerated_from_its_records():
     runs, problems = load_runs([REPO / "docs" / "results" / "cpu_repro" / "runs"])
     assert len(runs) == 12 and problems == []
     md = to_markdown(build_table(exp, runs, problems))
-    assert "| arith EM | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8) |" in md
+    # records made before per-sample outcomes were kept: seeds-only intervals, which over two
+    # seeds span the two paired differences (37.5 - 37.5, 43.75 - 42.1875), and a note
+    assert "| arith EM | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8 [+0.0, +1.6]) |" in md
+    assert "Seeds-only intervals (no per-sample outcomes: runs without eval_outcomes.jsonl" in md
     assert "missing" not in md and "n = 2 per cell" in md
     doc = (REPO / "docs" / "results" / "cpu_repro.md").read_text()
-    assert "| arith EM (ID) | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8) |" in doc
+    # the means, stds and deltas the document quotes (it quotes the intervals once the
+    # reproduction is re-run with per-sample outcomes)
+    assert "| arith EM (ID) | 0.0 | 39.8 ± 3.3 | 40.6 ± 4.4 (+0.8" in doc
+
+
+# --------------------------------------------------------------------------- paired intervals
+
+CI_EXPERIMENT = """title: intervals
+runs: {experiment: ci}
+rows: [model]
+columns: {field: objective, values: [A, B]}
+cells:
+  - {label: acc, path: eval.qa.acc, scale: 100}
+  - {label: two tasks, paths: [eval.qa.acc, eval.mc.acc], scale: 100}
+  - {label: val loss, path: metrics.val/loss, decimals: 3}
+baseline: A
+base: false
+"""
+NORMAL = statistics.NormalDist()
+
+
+def _pooled(values) -> float:
+    """lm-eval's score from per-sample outcomes: the mean, lists' items pooled."""
+    items = [x for v in values for x in (v if isinstance(v, list) else [v])]
+    return sum(items) / len(items)
+
+
+def _ci_run(root: Path, objective: str, seed: int, outcomes: dict, val_loss: float) -> Path:
+    """A completed run whose eval scores are the pooled means of its per-sample outcomes
+    ({(task, metric): {doc_id: value}}), with eval_outcomes.jsonl beside run.json."""
+    folder = root / f"m-{objective}-s{seed}-{objective}{seed:09d}"
+    folder.mkdir(parents=True)
+    scores: dict = defaultdict(dict)
+    for (task, metric), by_doc in outcomes.items():
+        scores[task][metric] = _pooled(by_doc.values())
+    record = {
+        "id": folder.name[-10:], "slug": folder.name[:-11], "status": "completed", "error": None,
+        "summary": {"model": "m", "objective": objective, "seed": seed, "experiment": "ci"},
+        "config": {}, "metrics": {"val/loss": val_loss}, "eval": scores,
+    }  # fmt: skip
+    (folder / "run.json").write_text(json.dumps(record))
+    lines = [
+        json.dumps({"task": task, "metric": metric, "doc_id": doc, "value": value})
+        for (task, metric), by_doc in outcomes.items()
+        for doc, value in by_doc.items()
+    ]
+    (folder / "eval_outcomes.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+def _ci_runs(root: Path, seeds=(0, 1, 2), size: int = 100, same: bool = False) -> Path:
+    """Objectives A and B on the same `size` qa questions and 30 mc ones per seed: B right more
+    often than A, and right where A is on most questions (paired)."""
+    import numpy as np
+
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        runs = {}
+        for task, n in (("qa", size), ("mc", 30)):
+            a = (rng.random(n) < 0.5).astype(float)
+            b = a if same else np.where(rng.random(n) < 0.7, a, (rng.random(n) < 0.8) * 1.0)
+            runs[task] = (a, b)
+        for objective, side in (("A", 0), ("B", 1)):
+            outcomes = {(t, "acc"): dict(enumerate(map(float, v[side]))) for t, v in runs.items()}
+            loss = 1.0 + 0.01 * seed - (0 if same else 0.05 * side * (1 + seed % 2))
+            _ci_run(root, objective, seed, outcomes, loss)
+    exp = root.parent / "ci.yaml"
+    exp.write_text(CI_EXPERIMENT)
+    return exp
+
+
+def _csv_rows(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    return {(r["metric"], r["objective"]): r for r in csv.DictReader(io.StringIO(text))}
+
+
+def test_cli_interval_matches_the_normal_approximation(tmp_path, capsys):
+    """One seed: the interval of B - A is mean(d) ± z sd(d) / sqrt(n) (ddof=0), d the per-question
+    differences, within Monte Carlo error (see tests/test_bootstrap.py for the derivation)."""
+    size, level, draws = 3000, 0.9, 20_000
+    exp = _ci_runs(tmp_path / "runs", seeds=(0,), size=size)
+    argv = [str(exp), "--runs", str(tmp_path / "runs"), "--format", "csv",
+            "--ci", str(level), "--bootstrap", str(draws), "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    rows = _csv_rows(capsys.readouterr().out)
+    by_side = {}
+    for path in (tmp_path / "runs").glob("*/eval_outcomes.jsonl"):
+        side = path.parent.name.split("-")[1]
+        lines = map(json.loads, path.read_text().splitlines())
+        by_side[side] = {o["doc_id"]: o["value"] for o in lines if o["task"] == "qa"}
+    d = [100 * (by_side["B"][i] - by_side["A"][i]) for i in range(size)]
+    mean, sd_d = statistics.fmean(d), statistics.pstdev(d)
+    sd = sd_d / size**0.5
+    z, tail = NORMAL.inv_cdf(1 - (1 - level) / 2), (1 - level) / 2
+    # as in tests/test_bootstrap.py: 4 Monte Carlo standard errors of a quantile, the
+    # Cornish-Fisher shift of the bootstrap law's skewness skew(d)/sqrt(n), the lattice step
+    skew = statistics.fmean((x - mean) ** 3 for x in d) / sd_d**3 / size**0.5
+    mc = sd * (tail * (1 - tail) / draws) ** 0.5 / NORMAL.pdf(z)
+    tol = 4 * mc + sd * abs(skew) * (z * z - 1) / 6 + 100 / size
+    row = rows[("acc", "B")]
+    assert float(row["delta"]) == pytest.approx(mean, abs=1e-9)
+    assert float(row["delta_lo"]) == pytest.approx(mean - z * sd, abs=tol)
+    assert float(row["delta_hi"]) == pytest.approx(mean + z * sd, abs=tol)
+    assert row["delta_significant"] == ("true" if float(row["delta_lo"]) > 0 else "false")
+    assert [row[k] for k in ("ci_method", "ci_level", "ci_draws", "ci_seed", "ci_paired_seeds")] \
+        == ["samples", "0.9", "20000", "3", "1"]  # fmt: skip
+    assert rows[("two tasks", "B")]["ci_method"] == "samples"
+    assert rows[("val loss", "B")]["delta_lo"] == ""  # one seed, no per-sample outcomes
+    assert rows[("acc", "A")]["delta_lo"] == ""  # the baseline itself
+
+
+def test_identical_columns_give_a_zero_width_interval_at_zero(tmp_path):
+    exp = _ci_runs(tmp_path / "runs", same=True)
+    runs, _ = load_runs([tmp_path / "runs"])
+    table = build_table(load_experiment(exp), runs)
+    md = to_markdown(table)
+    for label in ("acc", "two tasks"):
+        cell = table.cells[(("m",), label, "B")]
+        assert (cell.ci.lo, cell.ci.hi, cell.ci.method) == (0.0, 0.0, "samples+seeds")
+        assert f"| {label} | " in md
+    assert md.count("(+0.0 [+0.0, +0.0])") == 2 and "(+0.000 [+0.000, +0.000])" in md
+    assert "\\*" not in md.split("\n- ")[0]  # no delta marked
+
+
+def test_swapping_the_baseline_negates_every_interval(tmp_path):
+    exp = _ci_runs(tmp_path / "runs")
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text(exp.read_text().replace("baseline: A", "baseline: B"))
+    runs, _ = load_runs([tmp_path / "runs"])
+    b_vs_a = build_table(load_experiment(exp), runs)
+    a_vs_b = build_table(load_experiment(swapped), runs)
+    for label, method in (("acc", "samples+seeds"), ("two tasks", "samples+seeds"),
+                          ("val loss", "seeds")):  # fmt: skip
+        one = b_vs_a.cells[(("m",), label, "B")].ci
+        other = a_vs_b.cells[(("m",), label, "A")].ci
+        assert one.method == other.method == method
+        assert (other.lo, other.hi, other.estimate) == (-one.hi, -one.lo, -one.estimate)
+
+
+def test_the_same_seed_gives_the_same_table_in_any_process(tmp_path):
+    exp = _ci_runs(tmp_path / "runs", seeds=(0, 1), size=2000)  # fine steps: ends move with seed
+
+    def table(seed: str, hash_seed: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "uapt.table", str(exp), "--runs", str(tmp_path / "runs"),
+             "--format", "csv", "--seed", seed],
+            capture_output=True, text=True, check=True, timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        ).stdout  # fmt: skip
+
+    first = table("0", "1")
+    assert first == table("0", "2")
+    other = table("1", "1")
+    assert other != first
+    ends = [
+        {k: (r["delta_lo"], r["delta_hi"]) for k, r in _csv_rows(t).items()} for t in (first, other)
+    ]
+    assert ends[0] != ends[1]
+
+
+def test_seeds_and_samples_left_out_of_the_pairing_are_named(tmp_path):
+    exp = _ci_runs(tmp_path / "runs")
+    shutil.rmtree(next((tmp_path / "runs").glob("m-B-s2-*")))  # A's seed 2 has no partner
+    out = next((tmp_path / "runs").glob("m-B-s1-*"))
+    lines = (out / "eval_outcomes.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["doc_id"] not in (3, 4)]  # B skipped two
+    (out / "eval_outcomes.jsonl").write_text("".join(line + "\n" for line in kept))
+    record = json.loads((out / "run.json").read_text())
+    for task in ("qa", "mc"):
+        values = [json.loads(x)["value"] for x in kept if json.loads(x)["task"] == task]
+        record["eval"][task]["acc"] = _pooled(values)
+    (out / "run.json").write_text(json.dumps(record))
+    runs, _ = load_runs([tmp_path / "runs"])
+    table = build_table(load_experiment(exp), runs)
+    assert table.cells[(("m",), "acc", "B")].ci.seeds == 2
+    assert (
+        "m / B vs A: intervals pair seeds 0, 1, leaving out seed 2 of A, which Δ includes "
+        "(acc, two tasks, val loss)." in table.notes
+    )
+    for task, size in (("qa", 100), ("mc", 30)):
+        note = (
+            f"m / B vs A, task {task}: compared on the samples both runs scored "
+            f"(seed 1: {size - 2} shared, of {size - 2} and {size})."
+        )
+        assert note in table.notes
+
+
+def test_paired_runs_sharing_no_sample_are_an_error(tmp_path, capsys):
+    exp = _ci_runs(tmp_path / "runs")
+    out = next((tmp_path / "runs").glob("m-B-s1-*")) / "eval_outcomes.jsonl"
+    moved = [{**json.loads(line), "doc_id": 1000 + json.loads(line)["doc_id"]}
+             for line in out.read_text().splitlines()]  # fmt: skip
+    out.write_text("".join(json.dumps(o) + "\n" for o in moved))
+    assert main([str(exp), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "uapt-table: error: bootstrap over zero samples: cell m / B vs A, acc, task qa, seed 1: "
+        "the two runs' eval_outcomes.jsonl share no scored doc_id (they hold 100 and 100 samples)"
+    )
+
+
+@pytest.mark.parametrize("damage", ["old record", "damaged file", "other scores"])
+def test_cells_without_usable_outcomes_resample_seeds_and_say_so(tmp_path, damage):
+    exp = _ci_runs(tmp_path / "runs")
+    folder = next((tmp_path / "runs").glob("m-A-s2-*"))
+    if damage == "old record":
+        (folder / "eval_outcomes.jsonl").unlink()
+        reason = "no per-sample outcomes: runs without eval_outcomes.jsonl"
+    elif damage == "damaged file":
+        (folder / "eval_outcomes.jsonl").write_text('{"task": "qa", "met\n')
+        reason = "a damaged eval_outcomes.jsonl"
+    else:  # outcomes of another evaluation than the one the record reports
+        record = json.loads((folder / "run.json").read_text())
+        record["eval"]["qa"]["acc"] += 0.01
+        (folder / "run.json").write_text(json.dumps(record))
+        reason = "per-sample outcomes that do not reproduce the recorded score"
+    runs, _ = load_runs([tmp_path / "runs"])
+    table = build_table(load_experiment(exp), runs)
+    for label in ("acc", "two tasks"):
+        assert table.cells[(("m",), label, "B")].ci.method == "seeds"
+    note = next(n for n in table.notes if n.startswith("Seeds-only intervals ("))
+    assert reason in note and note.endswith(": m: acc, two tasks (B).")
+    if damage == "damaged file":
+        assert any(n.startswith("not loaded: ") and "line 1 is not an outcome" in n
+                   for n in table.notes)  # fmt: skip
+    assert "seeds" in [r["ci_method"] for r in _csv_rows(to_csv(table)).values()]
+
+
+def test_an_unknown_metric_is_an_error_naming_the_key(tmp_path, capsys):
+    exp = _ci_runs(tmp_path / "runs")
+    exp.write_text(CI_EXPERIMENT.replace("paths: [eval.qa.acc, eval.mc.acc]",
+                                         "paths: [eval.qa.acc, eval.mc.accuracy]"))  # fmt: skip
+    assert main([str(exp), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"uapt-table: error: {exp}:7: cells[1].paths: unknown metric 'eval.mc.accuracy': none of "
+        "the 6 completed run(s) selected by `runs` has it (eval.mc has: acc)\n"
+    )
+    for path in (tmp_path / "runs").glob("*/run.json"):  # nothing finished yet: not an error
+        path.write_text(path.read_text().replace('"completed"', '"running"'))
+    runs, _ = load_runs([tmp_path / "runs"])
+    table = build_table(load_experiment(exp), runs)
+    assert "Not aggregated: 6 running." in table.notes
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--ci", "1.5"), ("--ci", "0"), ("--ci", "1"), ("--ci", "nan"), ("--ci", "high"),
+     ("--bootstrap", "0"), ("--bootstrap", "-5"), ("--bootstrap", "2.5"),
+     ("--bootstrap", "1000001"), ("--seed", "-1"), ("--seed", "x")],
+)  # fmt: skip
+def test_bad_interval_options_are_one_error_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(EXPERIMENT), "--runs", str(RUNS), option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"uapt-table: error: argument {option}: ")
+    assert repr(value) in err

@@ -2,9 +2,11 @@
 
 An experiment file (experiments/*.yaml, documented in docs/tables.md) selects runs among
 `<runs_dir>/<slug>-<id>/run.json`, lays them out as rows x columns, aggregates every cell over
-seeds (mean ± sample std) and renders it for the terminal (rich), Markdown, CSV or LaTeX
-(booktabs); `--plot OUTDIR` draws the file's figures as PNG. Runs that are not completed are
-counted and reported, never aggregated; expected cells without results read "missing".
+seeds (mean ± sample std), gives every delta to the baseline column a paired bootstrap interval
+(uapt.bootstrap, over the runs' per-sample outcomes in uapt.outcomes) and renders it for the
+terminal (rich), Markdown, CSV or LaTeX (booktabs); `--plot OUTDIR` draws the file's figures as
+PNG. Runs that are not completed are counted and reported, never aggregated; expected cells
+without results read "missing".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from uapt import files
+from uapt import bootstrap, files, outcomes
 from uapt.records import semantic_config
 
 FORMATS = ("rich", "markdown", "csv", "latex")
@@ -35,10 +37,16 @@ OPS = ("eq", "ne", "in", "not_in", "gt", "ge", "lt", "le")
 TOP_LEVEL_FIELDS = ("id", "slug", "status")
 MISSING_TEXT = "missing"
 NONE_TEXT = "—"  # an em dash: "not applicable" / "no std for n = 1"
+MARK = "*"  # on a delta whose interval excludes 0
 
 
 class ExperimentError(ValueError):
     """A bad experiment file; the message names the file, line and key."""
+
+
+class TableError(ValueError):
+    """Data a table cannot be built from (e.g. paired runs sharing no eval sample); the message
+    names the cell and the task."""
 
 
 class _Missing:
@@ -285,6 +293,8 @@ class Metric:
     paths: tuple[tuple[str, ...], ...]
     scale: float = 1.0
     decimals: int = 1
+    where: str = field(default="", compare=False)  # e.g. cells[1], for error messages
+    line: int | None = field(default=None, compare=False)
 
     def value(self, record: Mapping[str, Any]) -> float | None:
         return self._mean(record, self.paths)
@@ -518,7 +528,8 @@ class _Checker:
             self.fail(
                 f"{where}.decimals", "expected an integer in [0, 10]", _line_of(node, "decimals")
             )
-        return Metric(label, paths, float(scale), decimals)
+        key = "path" if "path" in node else "paths"
+        return Metric(label, paths, float(scale), decimals, f"{where}.{key}", _line_of(node, key))
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -812,6 +823,8 @@ class Cell:
     values: list[float] = field(default_factory=list)  # scaled, one per completed run
     incomplete: Counter[str] = field(default_factory=Counter)
     delta: float | None = None
+    runs: list[Run] = field(default_factory=list)  # the run of each value
+    ci: bootstrap.Interval | None = None  # of the delta, paired with the baseline cell
 
     @property
     def n(self) -> int:
@@ -841,6 +854,7 @@ class Table:
     paper_cells: dict[tuple[tuple[Any, ...], str, Any], dict[str, float]]
     notes: list[str]
     show_n: bool
+    ci: bootstrap.Settings = field(default_factory=bootstrap.Settings)
 
 
 def _count_text(counts: Mapping[str, int], sep: str = ", ") -> str:
@@ -885,8 +899,17 @@ def _pooling_note(where: str, runs: Sequence[Run]) -> str | None:
     return " ".join(parts) + "; narrow `runs` or add a row field."
 
 
-def build_table(exp: Experiment, runs: Sequence[Run], problems: Sequence[str] = ()) -> Table:
-    """Aggregate the selected runs into the experiment's grid (all the arithmetic lives here)."""
+def build_table(
+    exp: Experiment,
+    runs: Sequence[Run],
+    problems: Sequence[str] = (),
+    ci: bootstrap.Settings | None = None,
+) -> Table:
+    """Aggregate the selected runs into the experiment's grid (all the arithmetic lives here);
+    `ci`: level, draws and seed of the deltas' intervals (default 95 %, 10000, 0).
+
+    Raises ExperimentError for a cell path no selected completed run has, TableError for paired
+    runs that share no eval sample."""
     notes: list[str] = []
     selected, seen = [], {}
     for run in runs:
@@ -909,11 +932,13 @@ def build_table(exp: Experiment, runs: Sequence[Run], problems: Sequence[str] = 
             continue
         placed[(tuple(keys[:-1]), keys[-1])].append(run)
 
+    _check_metrics(exp, [r for r in selected if r.completed])
     rows = _row_order(exp.rows, [rk for rk, _ in placed])
     columns = exp.column.order([ck for _, ck in placed])
     if exp.column.expected() is None and exp.baseline in columns:  # unlisted: baseline first
         columns.insert(0, columns.pop(columns.index(exp.baseline)))
-    table = Table(exp, rows, columns, {}, {}, defaultdict(list), {}, notes, False)
+    settings = ci or bootstrap.Settings()
+    table = Table(exp, rows, columns, {}, {}, defaultdict(list), {}, notes, False, settings)
     absent: dict[str, list[str]] = defaultdict(list)
     for rk, ck in product(rows, columns):
         cell_runs = placed.get((rk, ck), [])
@@ -927,12 +952,14 @@ def build_table(exp: Experiment, runs: Sequence[Run], problems: Sequence[str] = 
                     absent[metric.label].append(run.name)
                 else:
                     cell.values.append(v)
+                    cell.runs.append(run)
             table.cells[(rk, metric.label, ck)] = cell
         note = _pooling_note(f"cell {_where(exp, rk, ck)}", done) if len(done) > 1 else None
         if note:
             notes.append(note)
 
     _add_deltas(table)
+    _add_intervals(table)
     _add_base(table, placed)
     _add_paper(table)
     _add_notes(table, selected, unplaced, absent, problems)
@@ -967,6 +994,41 @@ def _add_deltas(table: Table) -> None:
         ref = table.cells.get((rk, label, base_col))
         if ck != base_col and ref is not None and cell.n and ref.n:
             cell.delta = cell.mean - ref.mean  # type: ignore[operator]
+
+
+def _check_metrics(exp: Experiment, done: Sequence[Run]) -> None:
+    """A cell path that no selected completed run has (a typo, or a metric the runs never
+    computed) is an error naming the key, not a table of "missing"."""
+    if not done:
+        return  # nothing has finished yet: cells read "missing (n running)", not an error
+    for metric in exp.cells:
+        for path in metric.paths:
+            if not any(_is_number(lookup(r.data, path)) for r in done):
+                loc = f"{exp.path}:{metric.line}" if metric.line else str(exp.path)
+                raise ExperimentError(
+                    f"{loc}: {metric.where}: unknown metric {_dotted(path)!r}: none of the "
+                    f"{len(done)} completed run(s) selected by `runs` has it{_nearby(path, done)}"
+                )
+
+
+def _dotted(path: Sequence[str]) -> str:
+    return ".".join(f'"{s}"' if "." in s else s for s in path)
+
+
+def _nearby(path: tuple[str, ...], runs: Sequence[Run], limit: int = 12) -> str:
+    """What the runs do have next to a path that none has: the keys of its longest prefix."""
+    for k in range(len(path) - 1, 0, -1):
+        keys = {
+            str(key)
+            for r in runs
+            if isinstance(node := lookup(r.data, path[:k]), Mapping)
+            for key in node
+        }
+        if keys:
+            shown = sorted(keys)
+            more = ", ..." if len(shown) > limit else ""
+            return f" ({_dotted(path[:k])} has: {', '.join(shown[:limit])}{more})"
+    return ""
 
 
 def _add_base(table: Table, placed: Mapping[tuple[tuple[Any, ...], Any], list[Run]]) -> None:
@@ -1053,6 +1115,8 @@ def _add_notes(
         )
     if exp.baseline is not None:
         notes.append(f"(±Δ): difference to the {exp.column.display(exp.baseline, True)} column.")
+        if any(c.ci is not None for c in table.cells.values()):
+            notes.append(_ci_note(table.ci))
     if exp.base:
         notes.append("base: the model before post-training (eval_base).")
     if not selected:
@@ -1076,6 +1140,290 @@ def _names(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# --------------------------------------------------------------------------- the deltas' intervals
+# Pairs the runs of a cell and of its baseline cell by seed and their per-sample outcomes
+# (uapt.outcomes) by doc id; the statistics are uapt.bootstrap's.
+
+# Why an interval resamples seeds only (uapt.bootstrap.paired_seeds) rather than samples too.
+NOT_EVAL = "not an eval metric"
+NO_FILE = (
+    "no per-sample outcomes: runs without eval_outcomes.jsonl, e.g. recorded before outcomes "
+    "were kept"
+)
+DAMAGED = "a damaged eval_outcomes.jsonl"
+NOT_PER_SAMPLE = "the metric is not a mean over samples, so eval_outcomes.jsonl does not have it"
+MISMATCH = "per-sample outcomes that do not reproduce the recorded score"
+
+
+class _NoOutcomes(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _ZeroSamples(Exception):
+    def __init__(self, task: str, seed: Any, sizes: Sequence[int]):
+        super().__init__(task)
+        self.task, self.seed, self.sizes = task, seed, sizes
+
+
+Where = tuple[tuple[Any, ...], str, Any]  # (row key, metric label, column key): one cell
+
+
+@dataclass
+class _IntervalNotes:
+    """What the table's notes say about its intervals, gathered cell by cell."""
+
+    seeds_only: dict[str, list[Where]] = field(default_factory=lambda: defaultdict(list))
+    none: dict[str, list[Where]] = field(default_factory=lambda: defaultdict(list))
+    left_out: dict[tuple[Any, Any, str], list[str]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    partial: dict[tuple[Any, Any, str], list[str]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    damaged: list[str] = field(default_factory=list)
+
+    def render(self, table: Table) -> list[str]:
+        exp = table.experiment
+        base = exp.column.display(exp.baseline, True)
+        labels = [m.label for m in exp.cells]
+        out = []
+        for reason, wheres in self.seeds_only.items():
+            if reason == NOT_EVAL:
+                names = sorted({label for _, label, _ in wheres}, key=labels.index)
+                what = NOT_EVAL if len(names) == 1 else "not eval metrics"
+                out.append(f"{', '.join(names)}: {what}, so intervals resample seeds only.")
+            else:
+                out.append(f"Seeds-only intervals ({reason}): {_cells_text(table, wheres)}.")
+        few = self.few_seeds(table)
+        if few:
+            out.append(
+                f"Seeds-only intervals over {' or '.join(map(str, few))} seeds span about the "
+                "range of the per-seed differences (every draw taking the same seed is likelier "
+                f"than the tail): they understate the uncertainty, and {MARK} on them says little "
+                "more than that every paired seed moved the same way."
+            )
+        for reason, wheres in self.none.items():
+            out.append(f"No interval ({reason}): {_cells_text(table, wheres)}.")
+        for (rk, ck, text), names in self.left_out.items():
+            out.append(f"{_where(exp, rk, ck)} vs {base}: {text} ({', '.join(names)}).")
+        for (rk, ck, task), parts in self.partial.items():
+            out.append(
+                f"{_where(exp, rk, ck)} vs {base}, task {task}: compared on the samples both "
+                f"runs scored ({'; '.join(dict.fromkeys(parts))})."
+            )
+        return out + self.damaged
+
+    def few_seeds(self, table: Table) -> list[int]:
+        """Seed counts n of seeds-only intervals whose ends are the extremes: the chance n^-n
+        that a draw takes one seed n times is above the tail (1 - level) / 2."""
+        tail = (1 - table.ci.level) / 2
+        counts = {
+            ci.seeds
+            for wheres in self.seeds_only.values()
+            for where in wheres
+            if (ci := table.cells[where].ci) is not None
+        }
+        return sorted(n for n in counts if n**-n > tail)
+
+
+def _ci_note(ci: bootstrap.Settings) -> str:
+    return (
+        f"[lo, hi]: {100 * ci.level:g} % percentile interval of Δ from a paired bootstrap "
+        f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
+        "each draw resamples the paired seeds, then the samples of each drawn seed (only the "
+        f"samples when one seed pairs); {MARK} marks an interval that excludes 0."
+    )
+
+
+def _cells_text(table: Table, wheres: Sequence[Where]) -> str:
+    """'row: label, label (column, column); row: ...' in table order."""
+    exp = table.experiment
+    labels = [m.label for m in exp.cells]
+    by_row: dict[tuple[Any, ...], dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for rk, label, ck in wheres:
+        by_row[rk][label].append(ck)
+    parts = []
+    for rk in sorted(by_row, key=table.rows.index):
+        merged: dict[tuple[Any, ...], list[str]] = defaultdict(list)  # same columns: one group
+        for label in sorted(by_row[rk], key=labels.index):
+            cols = tuple(sorted(by_row[rk][label], key=table.columns.index))
+            merged[cols].append(label)
+        groups = [
+            f"{', '.join(names)} ({', '.join(exp.column.display(c, True) for c in cols)})"
+            for cols, names in merged.items()
+        ]
+        parts.append(f"{_where_row(exp, rk)}: {', '.join(groups)}")
+    return "; ".join(parts)
+
+
+def _add_intervals(table: Table) -> None:
+    """A paired bootstrap interval (uapt.bootstrap) for every delta, and notes saying which
+    cells resample seeds only and which seeds or samples the pairing left out."""
+    notes = _IntervalNotes()
+    loaded: dict[Path, Any] = {}  # run folder -> its outcomes, None or the DamagedFile
+    for where, cell in table.cells.items():
+        if cell.delta is not None:
+            cell.ci = _interval(table, where, cell, loaded, notes)
+    table.notes.extend(notes.render(table))
+
+
+def _interval(
+    table: Table, where: Where, cell: Cell, loaded: dict[Path, Any], notes: _IntervalNotes
+) -> bootstrap.Interval | None:
+    """The interval of one cell's delta: over per-sample outcomes when every paired run has
+    them, else over seeds only (none under two paired seeds)."""
+    exp, (rk, label, ck) = table.experiment, where
+    ref = table.cells[(rk, label, exp.baseline)]
+    metric = next(m for m in exp.cells if m.label == label)
+    pairs, left_out = _pair_seeds(exp, cell, ck, ref)
+    if not pairs:
+        notes.none["no seed in both the cell and the baseline"].append(where)
+        return None
+    if left_out:
+        notes.left_out[(rk, ck, left_out)].append(label)
+    # the same draws whichever of the two is the baseline: swapping them negates the interval
+    pair = sorted([repr(ck), repr(exp.baseline)])
+    rng = bootstrap.rng_for(table.ci.seed, repr(rk), label, *pair)
+    try:
+        seeds, partial = _paired_outcomes(metric, pairs, cell, ref, loaded, notes)
+    except _ZeroSamples as e:
+        raise TableError(
+            f"bootstrap over zero samples: cell {_where(exp, rk, ck)} vs "
+            f"{exp.column.display(exp.baseline, True)}, {label}, task {e.task}, seed "
+            f"{_fmt_value(e.seed)}: the two runs' eval_outcomes.jsonl share no scored "
+            f"doc_id (they hold {e.sizes[0]} and {e.sizes[1]} samples)"
+        ) from None
+    except _NoOutcomes as e:
+        ci = bootstrap.paired_seeds(
+            [cell.values[i] - ref.values[j] for _, i, j in pairs], table.ci, rng
+        )
+        if ci is None:
+            notes.none[f"{e.reason}, and fewer than 2 seeds paired with the baseline"].append(where)
+        else:
+            notes.seeds_only[e.reason].append(where)
+        return ci
+    for task, text in partial:
+        notes.partial[(rk, ck, task)].append(text)
+    return bootstrap.paired_samples(seeds, metric.scale, table.ci, rng)
+
+
+def _pair_seeds(
+    exp: Experiment, cell: Cell, ck: Any, ref: Cell
+) -> tuple[list[tuple[Any, int, int]], str]:
+    """(seed, index in cell, index in ref) for every seed that each cell has exactly once, in
+    seed order; and what the pairing leaves out (unpaired or repeated seeds), or ""."""
+    sides = [_seed_index(cell), _seed_index(ref)]
+    paired = [
+        (seed, sides[0][seed][0], sides[1][seed][0])
+        for seed in sides[0]
+        if seed is not None and len(sides[0][seed]) == 1 and len(sides[1].get(seed, ())) == 1
+    ]
+    paired.sort(key=lambda p: _sort_key(p[0]))
+    if len(paired) == len(cell.runs) == len(ref.runs):
+        return paired, ""
+    left = []
+    names = (exp.column.display(ck, True), exp.column.display(exp.baseline, True))
+    for index, other, name in ((sides[0], sides[1], names[0]), (sides[1], sides[0], names[1])):
+        alone = sorted((s for s in index if s is not None and s not in other), key=_sort_key)
+        repeated = sorted((s for s in index if s is not None and len(index[s]) > 1), key=_sort_key)
+        if alone:
+            left.append(f"seed {', '.join(map(_fmt_value, alone))} of {name}")
+        if repeated:
+            left.append(f"repeated seed {', '.join(map(_fmt_value, repeated))} in {name}")
+        if None in index:
+            left.append(f"{len(index[None])} run(s) without a seed in {name}")
+    seeds = ", ".join(_fmt_value(s) for s, _, _ in paired) or "none"
+    return paired, f"intervals pair seeds {seeds}, leaving out {'; '.join(left)}, which Δ includes"
+
+
+def _seed_index(cell: Cell) -> dict[Any, list[int]]:
+    """seed -> indices of the cell's runs with that seed (None: runs without a seed)."""
+    index: dict[Any, list[int]] = defaultdict(list)
+    for i, run in enumerate(cell.runs):
+        seed = run.seed
+        index[None if seed is _MISSING or seed is None else _canon(seed)].append(i)
+    return index
+
+
+def _outcome_keys(metric: Metric) -> dict[str, list[str]] | None:
+    """task -> the metric names it contributes, when every path is eval.<task>.<metric>."""
+    if not all(len(p) == 3 and p[0] == "eval" for p in metric.paths):
+        return None
+    keys: dict[str, list[str]] = defaultdict(list)
+    for _, task, name in metric.paths:
+        keys[task].append(name)
+    return keys
+
+
+def _paired_outcomes(
+    metric: Metric,
+    pairs: Sequence[tuple[Any, int, int]],
+    cell: Cell,
+    ref: Cell,
+    loaded: dict[Path, Any],
+    notes: _IntervalNotes,
+) -> tuple[list[list[bootstrap.TaskSamples]], list[tuple[str, str]]]:
+    """Per paired seed, per task of the metric: both runs' outcomes on the samples both scored;
+    and (task, text) for each pair whose runs did not score the same samples. Raises
+    _NoOutcomes when a run lacks them, _ZeroSamples when two runs share no sample."""
+    keys = _outcome_keys(metric)
+    if keys is None:
+        raise _NoOutcomes(NOT_EVAL)
+    seeds, partial = [], []
+    for seed, i, j in pairs:
+        tasks = []
+        for task, names in keys.items():
+            sides = [
+                _run_outcomes(r, task, names, loaded, notes) for r in (cell.runs[i], ref.runs[j])
+            ]
+            samples, _ = bootstrap.align(*sides)
+            sizes = [len(side[0]) for side in sides]
+            if samples.size == 0:
+                raise _ZeroSamples(task, seed, sizes)
+            if samples.size < max(sizes):
+                text = (
+                    f"seed {_fmt_value(seed)}: {samples.size} shared, of {sizes[0]} and {sizes[1]}"
+                )
+                partial.append((task, text))
+            tasks.append(samples)
+        seeds.append(tasks)
+    return seeds, partial
+
+
+def _run_outcomes(
+    run: Run, task: str, names: Sequence[str], loaded: dict[Path, Any], notes: _IntervalNotes
+) -> list[Mapping[Any, Any]]:
+    """The run's {doc_id: outcome} for each of the task's metric names, when they reproduce
+    the score in its record (so that the interval is about the number the table shows)."""
+    if run.folder not in loaded:
+        try:
+            loaded[run.folder] = outcomes.read(run.folder)
+        except files.DamagedFile as e:
+            loaded[run.folder] = e
+            notes.damaged.append(f"not loaded: {e} (seeds-only intervals for its cells)")
+    got = loaded[run.folder]
+    if got is None:
+        raise _NoOutcomes(NO_FILE)
+    if isinstance(got, files.DamagedFile):
+        raise _NoOutcomes(DAMAGED)
+    per_name = []
+    for name in names:
+        values = got.get((task, name))
+        if not values:
+            raise _NoOutcomes(NOT_PER_SAMPLE)
+        recorded = lookup(run.data, ("eval", task, name))
+        try:
+            agg = outcomes.aggregate(values.values())
+        except (TypeError, ValueError):  # not numbers: treated like a file that disagrees
+            agg = None
+        if agg is None or not math.isclose(agg, recorded, rel_tol=1e-6, abs_tol=1e-9):
+            raise _NoOutcomes(MISMATCH)
+        per_name.append(values)
+    return per_name
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -1087,10 +1435,18 @@ def _cell_text(cell: Cell, metric: Metric, show_n: bool) -> str:
     std = NONE_TEXT if cell.std is None else f"{cell.std:.{d}f}"
     text = f"{cell.mean:.{d}f} ± {std}"
     if cell.delta is not None:
-        text += f" ({_signed(cell.delta, d)})"
+        text += f" ({_delta_text(cell.delta, cell.ci, d)})"
     if show_n:
         text += f" [n={cell.n}]"
     return text
+
+
+def _delta_text(delta: float, ci: bootstrap.Interval | None, d: int) -> str:
+    """+4.0, or +4.0* [+1.2, +6.8]: the marked delta's interval excludes 0."""
+    if ci is None:
+        return _signed(delta, d)
+    mark = MARK if ci.significant else ""
+    return f"{_signed(delta, d)}{mark} [{_signed(ci.lo, d)}, {_signed(ci.hi, d)}]"
 
 
 def _base_text(value: float | str | None, metric: Metric) -> str:
@@ -1136,7 +1492,7 @@ def to_markdown(table: Table) -> str:
     header, body, _ = grid(table)
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_md_escape(c) for c in cells) + " |"
 
     out = [f"## {table.experiment.title}", ""]
     if table.experiment.description:
@@ -1145,8 +1501,14 @@ def to_markdown(table: Table) -> str:
     out.append(line(["---:" if num else "---" for num in _numeric_columns(table)]))
     out += [line(row) for row in body]
     if table.notes:
-        out += ["", *(f"- {n}" for n in table.notes)]
+        out += ["", *(f"- {_md_escape(n, table_cell=False)}" for n in table.notes)]
     return "\n".join(out) + "\n"
+
+
+def _md_escape(text: str, table_cell: bool = True) -> str:
+    """`*` (the significance marker) would start emphasis; in a cell `|` would split it."""
+    text = text.replace(MARK, "\\" + MARK)
+    return text.replace("|", "\\|") if table_cell else text
 
 
 _LATEX_SPECIAL = {
@@ -1201,7 +1563,8 @@ def to_latex(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """Tidy CSV: one line per (row, metric, column) with numbers at full precision."""
+    """Tidy CSV: one line per (row, metric, column) with numbers at full precision; the delta's
+    interval in delta_lo, delta_hi, delta_significant and how it was made in the ci_ columns."""
     exp = table.experiment
 
     def num(x: float | None) -> str:
@@ -1222,6 +1585,7 @@ def to_csv(table: Table) -> str:
             "paper_value",
             "paper_delta",
             "not_aggregated",
+            *CSV_CI_COLUMNS,
         ]
     )
     for rk in table.rows:
@@ -1243,9 +1607,32 @@ def to_csv(table: Table) -> str:
                         num(paper.get("value")),
                         num(paper.get("delta")),
                         _count_text(cell.incomplete, "; "),
+                        *_csv_ci(cell.ci, table.ci, num),
                     ]
                 )
     return buf.getvalue()
+
+
+CSV_CI_COLUMNS = (
+    "delta_lo",
+    "delta_hi",
+    "delta_significant",
+    "ci_method",
+    "ci_level",
+    "ci_draws",
+    "ci_seed",
+    "ci_paired_seeds",
+)
+
+
+def _csv_ci(
+    ci: bootstrap.Interval | None, settings: bootstrap.Settings, num: Callable[[Any], str]
+) -> list[str]:
+    if ci is None:
+        return [""] * len(CSV_CI_COLUMNS)
+    significant = "true" if ci.significant else "false"
+    level, draws, seed = num(settings.level), str(settings.draws), str(settings.seed)
+    return [num(ci.lo), num(ci.hi), significant, ci.method, level, draws, seed, str(ci.seeds)]
 
 
 def _csv_key(key: Any) -> str:
@@ -1546,10 +1933,52 @@ def _draw_id_vs_ood(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[s
 # --------------------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line for a bad option, like every other uapt error (argparse adds the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a confidence level strictly between 0 and 1 (e.g. 0.95), got {text!r}"
+        )
+    return value
+
+
+def _draws(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= bootstrap.MAX_DRAWS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bootstrap draws from 1 to {bootstrap.MAX_DRAWS}, got {text!r}"
+        )
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="uapt-table",
-        description="Tables (mean ± std over seeds) and plots from finished uapt runs.",
+        description="Tables (mean ± std over seeds, deltas with paired bootstrap intervals) and "
+        "plots from finished uapt runs.",
     )
     parser.add_argument("experiment", type=Path, help="experiment file, e.g. experiments/demo.yaml")
     parser.add_argument(
@@ -1562,6 +1991,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="rich")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write the table here")
     parser.add_argument("--plot", type=Path, metavar="OUTDIR", help="write the file's plots here")
+    parser.add_argument(
+        "--ci",
+        type=_level,
+        default=0.95,
+        metavar="LEVEL",
+        help="level of the deltas' paired bootstrap intervals (default 0.95)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=_draws,
+        default=10_000,
+        metavar="N",
+        help="bootstrap draws per interval (default 10000)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the bootstrap draws; the same seed gives the same table (default 0)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -1575,7 +2024,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"uapt-table: error: runs directory not found: {d}", file=sys.stderr)
             return 2
     runs, problems = load_runs(dirs)
-    table = build_table(exp, runs, problems)
+    try:
+        table = build_table(
+            exp, runs, problems, bootstrap.Settings(args.ci, args.bootstrap, args.seed)
+        )
+    except (ExperimentError, TableError) as e:
+        print(f"uapt-table: error: {e}", file=sys.stderr)
+        return 2
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(render(table, args.format))
