@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from uapt.config import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 GROUPS = ["model", "dataset", "objective", "trainer", "eval", "logger", "variant"]
+FOLDERS = {"sweep": SWEEPS, "variant": SWEEPS / "variants", "tuned": SWEEPS / "tuned"}
 
 
 def compose_plain(overrides: list[str]) -> dict:
@@ -21,7 +23,8 @@ def compose_plain(overrides: list[str]) -> dict:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem != "base")
+    folder = FOLDERS.get(group, CONF / group)
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
 
 
 @pytest.mark.parametrize("override", [f"{g}={name}" for g in GROUPS for name in group_options(g)])
@@ -106,3 +109,13 @@ def test_objective_variants_have_documented_semantics():
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         validate(compose_plain([override]))
+
+
+@pytest.mark.parametrize("group", ["sweep", "variant", "tuned"])
+def test_a_mistyped_option_of_the_sweeps_groups_is_an_error(group):
+    """sweeps/ serves these groups; a typo names the group and lists the options, never falls
+    back silently to a single default run."""
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=rf"Could not find '{group}/no_such_option'"):
+        compose_plain([f"{group}=no_such_option"])

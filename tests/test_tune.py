@@ -150,4 +150,4 @@ def test_the_cpu_repro_search_matches_the_grid_it_tunes():
     same = {k: v for k, v in search["trainer"].items() if k not in ("lr", "eval_every")}
     assert same == {k: grid["trainer"][k] for k in same}
     assert search["eval"]["name"] == "none"
-    assert Path(REPO / "conf" / "sweep" / "cpu_repro_lr.yaml").exists()
+    assert Path(REPO / "sweeps" / "cpu_repro_lr.yaml").exists()

@@ -130,7 +130,7 @@ TOP_LEVEL = {
     "force",
     "sweep",
     "inputs",  # set by uapt: content fingerprints of local inputs (uapt.inputs)
-    "tuned",  # the best settings of a tuning sweep (conf/tuned/, uapt.tune): evidence only
+    "tuned",  # the best settings of a tuning sweep (sweeps/tuned/, uapt.tune): evidence only
 }
 
 

@@ -1,4 +1,11 @@
-"""Sweeps: Hydra multiruns over conf/sweep/ grids that survive crashes and say how they went.
+"""Sweeps: where the grids live (top-level sweeps/), and multiruns that survive crashes and say
+how they went.
+
+Every study's files sit together in `sweeps/`: the grids (`sweeps/<name>.yaml`), the paired
+objective settings they sweep (`sweeps/variants/`) and the best settings a tuning sweep wrote
+(`sweeps/tuned/`). Hydra finds them as the config groups `sweep`, `variant` and `tuned`
+(`uapt-train sweep=demo variant=mle tuned=cpu_repro_lr`) through `SweepsConfigSource`, which the
+plugin in hydra_plugins.uapt_launcher puts on the config search path.
 
 Each grid point is an ordinary run, so a re-launched sweep skips completed points by run id and
 re-runs failed or unfinished ones. One failing point never stops the others: in a multirun the
@@ -12,14 +19,84 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
 from hydra.experimental.callback import Callback
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from uapt import files
 
 log = logging.getLogger("uapt")
+
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+# config group -> its folder under sweeps/
+GROUPS = {"sweep": "", "variant": "variants", "tuned": "tuned"}
+
+
+class SweepsConfigSource(ConfigSource):
+    """The groups `sweep`, `variant` and `tuned` from sweeps/ (`uapt-sweeps://<folder>`): a
+    group's path maps to its folder (GROUPS); nothing else is served from here."""
+
+    @staticmethod
+    def scheme() -> str:
+        return "uapt-sweeps"
+
+    def _where(self, config_path: str) -> Path | None:
+        group, _, rest = config_path.partition("/")
+        if group not in GROUPS:
+            return None
+        return Path(self.path) / GROUPS[group] / rest
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        where = self._where(self._normalize_file_name(config_path))
+        if where is None or not where.is_file():
+            raise ConfigLoadError(f"Config not found : {config_path}")
+        text = where.read_text(encoding="utf-8")
+        return ConfigResult(
+            config=OmegaConf.create(text),
+            path=f"{self.scheme()}://{self.path}",
+            provider=self.provider,
+            header=ConfigSource._get_header_dict(text[:512]),
+        )
+
+    def available(self) -> bool:
+        return Path(self.path).is_dir()
+
+    def is_group(self, config_path: str) -> bool:
+        if config_path == "":
+            return True  # the root holds the three groups
+        where = self._where(config_path)
+        return where is not None and where.is_dir()
+
+    def is_config(self, config_path: str) -> bool:
+        where = self._where(self._normalize_file_name(config_path))
+        return where is not None and where.is_file()
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        if config_path == "":
+            wanted = results_filter in (None, ObjectType.GROUP)
+            return sorted(GROUPS) if wanted else []
+        where = self._where(config_path)
+        if where is None or not where.is_dir():
+            return []
+        found: list[str] = []
+        for item in where.iterdir():
+            if item.is_file():  # sweeps/variants/ is its own group, not a part of `sweep`
+                self._list_add_result(
+                    found, f"{config_path}/{item.name}", item.name, results_filter
+                )
+        return sorted(set(found))
+
+
+class SweepsSearchPath(SearchPathPlugin):
+    """Puts sweeps/ on Hydra's config search path (registered in hydra_plugins.uapt_launcher)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="uapt-sweeps", path=f"uapt-sweeps://{SWEEPS_DIR}")
 
 
 def in_multirun() -> bool:

@@ -1,7 +1,7 @@
 """uapt-train: compose ► validate ► identity ► model, data, objective ► loop ► evaluate ► record.
 
     uapt-train model=tiny dataset=arith objective=masked_mle_distill trainer.max_steps=20
-    uapt-train sweep=demo            # a grid from conf/sweep/ (Hydra multirun)
+    uapt-train sweep=demo            # a grid from sweeps/ (Hydra multirun)
 
 The loop knows nothing of which objective it runs: it hands logits (or hidden states) and labels
 to uapt.objectives and steps the optimizer. Everything a run produces lands in its run folder.

@@ -1,7 +1,7 @@
 """Tuning: one Optuna study per objective, every trial an ordinary run, the best settings written
 as an override file the final grid composes.
 
-    uapt-train sweep=lr_search                      # tune: a study per variant (conf/sweep/)
+    uapt-train sweep=lr_search                      # tune: a study per variant (sweeps/)
     uapt-train sweep=cpu_repro tuned=lr_search      # the grid, each variant at its best lr
     uapt-table experiments/cpu_repro.yaml           # the table
 
@@ -12,7 +12,7 @@ search skips the trials that completed (a seeded sampler proposes the same setti
 records answer). Each trial reports `hydra.sweeper.metric`, a key of its record's `metrics`
 (`val/loss`: the loss on rows held out from the training data), never an eval-suite score: the
 search must not select on data the final table reports. At the end the best setting of every
-point is printed and written to `conf/tuned/<experiment>.yaml` (or `hydra.sweeper.tuned_file`):
+point is printed and written to `sweeps/tuned/<experiment>.yaml` (or `hydra.sweeper.tuned_file`):
 per point the searched values, and the interpolation that picks them for the point a run is
 (`${hydra:runtime.choices.<group>}`), so `tuned=<experiment>` composes with the grid.
 """
@@ -32,6 +32,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 from uapt import files, records
 from uapt.config import ConfigError
+from uapt.sweeps import GROUPS, SWEEPS_DIR
 
 log = logging.getLogger("uapt")
 
@@ -204,7 +205,7 @@ def points(grid: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
 
 
 def check_grid(grid: Mapping[str, Any]) -> None:
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | set(GROUPS)
     for key, values in grid.items():
         if key not in groups:
             raise ConfigError(
@@ -279,7 +280,7 @@ class StudiesSweeper(OptunaSweeper):
 
     metric: the record metric each trial reports (val/loss); grid: {config group: [options]},
     one study per combination; tuned_file: where the override file goes (default
-    conf/tuned/<experiment>.yaml); every other key is the Optuna sweeper's own.
+    sweeps/tuned/<experiment>.yaml); every other key is the Optuna sweeper's own.
     """
 
     def __init__(
@@ -322,7 +323,9 @@ class StudiesSweeper(OptunaSweeper):
         print(report(studies, keys, self.metric), flush=True)
         experiment = str(self.config.get("experiment") or "study")
         path = (
-            Path(self.tuned_file) if self.tuned_file else CONF_DIR / "tuned" / f"{experiment}.yaml"
+            Path(self.tuned_file)
+            if self.tuned_file
+            else SWEEPS_DIR / "tuned" / f"{experiment}.yaml"
         )
         sampler = type(self.sweeper.sampler).__name__
         seed = getattr(self.config.hydra.sweeper.sampler, "seed", None)

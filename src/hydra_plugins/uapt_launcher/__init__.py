@@ -1,22 +1,32 @@
-"""Registers uapt's launchers and tuning sweeper with Hydra, which only instantiates plugins under
-`hydra_plugins`.
+"""Registers uapt's plugins with Hydra, which only finds plugins under `hydra_plugins`.
 
-The code lives in uapt.launch and uapt.tune; `hydra/launcher=local_parallel`,
-`hydra/launcher=slurm` and `hydra/sweeper=uapt_optuna` (conf/hydra/) target these names.
+The code lives in uapt.launch, uapt.tune and uapt.sweeps: `hydra/launcher=local_parallel`,
+`hydra/launcher=slurm` and `hydra/sweeper=uapt_optuna` (conf/hydra/) target these names, and the
+config groups sweep, variant and tuned come from the top-level sweeps/ folder. The modules are
+imported, not their classes: Hydra registers every plugin class it finds in this namespace, and
+a search path plugin imported by name would be registered twice.
 """
 
-from uapt.launch import LocalParallelLauncher as _LocalParallelLauncher
-from uapt.launch import SlurmLauncher as _SlurmLauncher
-from uapt.tune import StudiesSweeper as _StudiesSweeper
+from uapt import launch as _launch
+from uapt import sweeps as _sweeps
+from uapt import tune as _tune
 
 
-class LocalParallelLauncher(_LocalParallelLauncher):
+class LocalParallelLauncher(_launch.LocalParallelLauncher):
     """uapt.launch.LocalParallelLauncher under the name Hydra accepts."""
 
 
-class SlurmLauncher(_SlurmLauncher):
+class SlurmLauncher(_launch.SlurmLauncher):
     """uapt.launch.SlurmLauncher under the name Hydra accepts."""
 
 
-class StudiesSweeper(_StudiesSweeper):
+class StudiesSweeper(_tune.StudiesSweeper):
     """uapt.tune.StudiesSweeper under the name Hydra accepts."""
+
+
+class SweepsConfigSource(_sweeps.SweepsConfigSource):
+    """uapt.sweeps.SweepsConfigSource under the name Hydra accepts."""
+
+
+class SweepsSearchPath(_sweeps.SweepsSearchPath):
+    """uapt.sweeps.SweepsSearchPath under the name Hydra accepts."""
