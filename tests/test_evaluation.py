@@ -19,7 +19,6 @@ from uapt.evaluation import (
     evaluate_lm,
     flatten_results,
     load_for_eval,
-    log_to_wandb,
     run_suite,
     score_delta,
     suite_hash,
@@ -475,37 +474,6 @@ def test_base_scores_are_cached_per_model_and_suite(tmp_path):
     base_scores(random_init, suite, tmp_path, evaluate, init_seed=0)
     base_scores(random_init, suite, tmp_path, evaluate, init_seed=1)
     assert len(calls) == 5
-
-
-def test_log_to_wandb_writes_summary_and_table():
-    import wandb
-
-    class FakeRun:
-        def __init__(self):
-            self.summary, self.logged = {}, []
-
-        def log(self, data):
-            self.logged.append(data)
-
-    results = {
-        "eval": {
-            "gsm8k": {"exact_match,strict-match": 0.5, "exact_match,strict-match_stderr": 0.1}
-        },
-        "eval_base": {"gsm8k": {"exact_match,strict-match": 0.25}},
-        "eval_delta": {"gsm8k": {"exact_match,strict-match": 0.25}},
-    }
-    run = FakeRun()
-    log_to_wandb(run, results)
-    assert run.summary == {
-        "eval/gsm8k/exact_match,strict-match": 0.5,
-        "eval/gsm8k/exact_match,strict-match_stderr": 0.1,
-        "eval_base/gsm8k/exact_match,strict-match": 0.25,
-        "eval_delta/gsm8k/exact_match,strict-match": 0.25,
-    }
-    table = run.logged[0]["eval/results"]
-    assert isinstance(table, wandb.Table)
-    assert table.data == [["gsm8k", "exact_match,strict-match", 0.5, 0.1, 0.25, 0.25]]
-    log_to_wandb(None, results)  # no tracker: nothing happens
 
 
 # ----------------------------------------------------------------------------- standalone

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -74,14 +73,3 @@ def test_bad_config_fails_before_anything_is_written(override, needle, tmp_path)
     assert proc.returncode == 2
     assert needle in proc.stderr + proc.stdout
     assert not any(tmp_path.iterdir())
-
-
-def test_wandb_offline_run_carries_identity(tmp_path):
-    args = [a for a in TINY if a != "logger=none"]
-    train(*args, "trainer.max_steps=2", f"runs_dir={tmp_path}", "experiment=unit", check=True)
-    (record,) = records(tmp_path)
-    (wandb_run,) = (tmp_path / "wandb").glob(f"offline-run-*-{record['id']}")
-    assert (wandb_run / f"run-{record['id']}.wandb").exists()
-    assert record["config"]["logger"]["group"] == "unit"
-    dumped = json.dumps(record)
-    assert "WANDB_API_KEY" not in dumped and "api_key" not in dumped.lower()

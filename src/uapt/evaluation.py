@@ -638,25 +638,6 @@ def result_rows(results: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def log_to_wandb(wandb_run: Any, results: Mapping[str, Any]) -> None:
-    """Summary metrics eval/<task>/<metric> (and eval_base/, eval_delta/ when present) + a table."""
-    if wandb_run is None or not results or not results.get("eval"):
-        return
-    summary = {}
-    for section in ("eval", "eval_base", "eval_delta"):
-        for task, metrics in (results.get(section) or {}).items():
-            for metric, value in metrics.items():
-                if _number(value) is not None:
-                    summary[f"{section}/{task}/{metric}"] = float(value)
-    wandb_run.summary.update(summary)
-    import wandb
-
-    table = wandb.Table(
-        columns=["task", "metric", "value", "stderr", "base", "delta"], data=result_rows(results)
-    )
-    wandb_run.log({"eval/results": table})
-
-
 def _fmt(x: Any) -> str:
     return "" if _number(x) is None else f"{float(x):.4f}"
 

@@ -793,7 +793,12 @@ def load_runs(dirs: Iterable[str | Path]) -> tuple[list[Run], list[str]]:
         folders = (
             [d]
             if (d / "run.json").is_file()
-            else sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            # wandb/: W&B's own folder (logger.dir defaults to the runs directory), not a run
+            else sorted(
+                p
+                for p in d.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"
+            )
         )
         for folder in folders:
             path = folder / "run.json"
@@ -2011,6 +2016,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="seed of the bootstrap draws; the same seed gives the same table (default 0)",
     )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the table and plots to W&B: a run of job type `table` in the runs' group",
+    )
+    parser.add_argument("--wandb-mode", choices=("offline", "online"), default="offline")
     args = parser.parse_args(argv)
 
     try:
@@ -2045,12 +2056,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(to_text(table))
     else:
         sys.stdout.write(render(table, args.format))
+    written = None
     if args.plot is not None:
         written, notes = make_plots(exp, runs, args.plot)
         for note in notes:
             print(f"plot note: {note}", file=sys.stderr)
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
+    if args.wandb:  # never fails the table: a W&B problem is one warning line
+        from uapt.wandb_report import report_table
+
+        print(report_table(table, runs, dirs[0], written, args.wandb_mode), file=sys.stderr)
     return 0
 
 
