@@ -1,4 +1,4 @@
-"""The objective's exact semantics, pinned against a naive reference written from DESIGN.md.
+"""The objective's exact semantics, pinned against a naive reference written from docs/objective.md.
 
 The reference loops over sequences and positions with explicit softmax sums in float64; it
 shares no code with uapt.objectives.
@@ -36,7 +36,7 @@ B, T, V = 3, 7, 6
 
 
 # ------------------------------------------------------------------------------------------
-# Naive reference (DESIGN.md "The objective", formula by formula)
+# Naive reference (docs/objective.md, formula by formula)
 # ------------------------------------------------------------------------------------------
 
 

@@ -115,11 +115,11 @@ _SPLITS = [(2, 2), (8, 1), (16, 3), (8, 4)]
 
 @pytest.mark.parametrize(("select", "scope", "divergence", "distill_on"), _GRID)
 def test_chunked_equals_naive(select, scope, divergence, distill_on, monkeypatch):
-    import uapt.objectives
+    from uapt.objectives import fused
 
     for i, (knobs, softcap, t_softcap, bias, separate, chunk) in enumerate(_VARIANTS):
-        monkeypatch.setattr(uapt.objectives, "_BLOCKS_PER_CHUNK", _SPLITS[i][0])
-        monkeypatch.setattr(uapt.objectives, "_TEACHER_SPLIT", _SPLITS[i][1])
+        monkeypatch.setattr(fused, "_BLOCKS_PER_CHUNK", _SPLITS[i][0])
+        monkeypatch.setattr(fused, "_TEACHER_SPLIT", _SPLITS[i][1])
         obj = dict(knobs, select=select, scope=scope, divergence=divergence, distill_on=distill_on)
         hidden, t_hidden, weight, b, labels, t_head, cap = _setup(
             i, bias, separate, softcap, t_softcap

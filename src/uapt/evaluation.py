@@ -31,10 +31,10 @@ from typing import Any
 
 from uapt import outcomes
 from uapt.config import ConfigError
+from uapt.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BUILTIN_TASKS = ("arith", "ifeval_embedded")
 DEFAULT_SIZE = {"arith": 64, "ifeval_embedded": 48}  # rows a builtin task generates
 NON_SEMANTIC = ("batch_size", "max_batch_size", "log_samples")  # keys that do not change scores

@@ -22,13 +22,10 @@ from types import ModuleType
 from typing import Any
 
 from uapt.files import staging_dir as published
+from uapt.paths import default_cache_dir
 
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
 PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("UAPT_CACHE") or Path.home() / ".cache" / "uapt").expanduser()
 
 
 # ----------------------------------------------------------------------------- punkt_tab

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uapt.smollm2 import SMOLLM2_ID, SOURCES, default_cache_dir, resolve_model_source
+from uapt.paths import CONF_DIR, default_cache_dir
+from uapt.smollm2 import SMOLLM2_ID, SOURCES, resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"path": None, "tokenizer": "tiny"},
 }
 KEYS = ("model", "model.path", "model.source", "cache_dir")
-CONF_MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF_MODEL_DIR = CONF_DIR / "model"
 # What a causal LM needs from a hub repo (skips ONNX exports, original checkpoints, ...).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 

@@ -66,11 +66,6 @@ EMBEDDED: dict[str, Callable[[str | Path, str], Path]] = {}
 SOURCES = ("auto", "hub", "embedded")
 
 
-def default_cache_dir() -> Path:
-    """uapt's cache: $UAPT_CACHE, else ~/.cache/uapt (as conf/train.yaml's `cache_dir`)."""
-    return Path(os.environ.get("UAPT_CACHE") or Path.home() / ".cache" / "uapt").expanduser()
-
-
 def embedded_folder(cache_dir: str | Path) -> Path:
     return Path(cache_dir).expanduser() / "models" / FOLDER_NAME
 

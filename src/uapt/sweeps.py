@@ -29,10 +29,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from uapt import files
+from uapt.paths import SWEEPS_DIR
 
 log = logging.getLogger("uapt")
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 # config group -> its folder under sweeps/
 GROUPS = {"sweep": "", "variant": "variants", "tuned": "tuned"}
 

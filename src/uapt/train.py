@@ -71,10 +71,10 @@ from uapt.objectives import (
     token_scores,
     token_scores_chunked,
 )
+from uapt.paths import CONF_DIR
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("uapt")
 
 

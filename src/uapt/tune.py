@@ -32,11 +32,10 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 from uapt import files, records
 from uapt.config import ConfigError
-from uapt.sweeps import GROUPS, SWEEPS_DIR
+from uapt.paths import CONF_DIR, SWEEPS_DIR
+from uapt.sweeps import GROUPS
 
 log = logging.getLogger("uapt")
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def trial_metric() -> str | None:

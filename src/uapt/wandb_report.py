@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from uapt.paths import CONF_DIR
 from uapt.tracking import EVAL_SECTIONS, STEP_KEY, one_line
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
     from uapt.table import Experiment, Run, Table
 
-CONF_LOGGER = Path(__file__).resolve().parents[2] / "conf" / "logger" / "wandb.yaml"
+CONF_LOGGER = CONF_DIR / "logger" / "wandb.yaml"
 TABLE_JOB_TYPE = "table"
 MODES = ("offline", "online")
 GROUP_KEY = "variant"  # records.run_summary's objective variant, e.g. masked_mle_distill-r0.5-l1

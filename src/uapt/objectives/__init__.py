@@ -1,0 +1,65 @@
+"""The token-level objective as pure functions on tensors. The semantics: docs/objective.md.
+
+Read top-down:
+
+- `spec`: `objective.*` validated into an ObjectiveSpec (defaults: conf/objective/base.yaml);
+- `selection`: the kept set (scores ranked per sequence or group, K = ceil((1 - rho) n)) and a
+  global batch's token counts;
+- `divergences`: teacher vs student, exact or over a cached teacher's top-k buckets;
+- `loss`: `token_loss`, the objective on full logits: the reference, simple and exact;
+- `head`, `fused`, `chunked`: `token_loss_chunked`, the same from hidden states and the output
+  layer, chunk by chunk, never holding [batch, time, vocab] logits.
+
+Conventions (transformers causal LMs): `logits[:, t]` predicts `labels[:, t + 1]`; label -100
+is ignored. Per-token tensors are aligned with `labels`; a position is valid when its label is
+not -100 and t >= 1. Nothing here communicates across processes: a global batch split into
+micro-batches or ranks passes its counts (`step_counts`) and, for a selection across parts, its
+kept mask to every part (uapt.batches).
+"""
+
+from uapt.objectives.chunked import token_loss_chunked, token_scores_chunked
+from uapt.objectives.divergences import TeacherTopK, cached_buckets, divergence_rows, teacher_topk
+from uapt.objectives.head import OutputHead, output_head
+from uapt.objectives.loss import TokenLoss, token_loss, token_scores
+from uapt.objectives.selection import (
+    Counts,
+    keep_count,
+    kept_overlap,
+    select_kept,
+    step_counts,
+    valid_mask,
+)
+from uapt.objectives.spec import (
+    DEFAULTS,
+    IGNORE_INDEX,
+    ObjectiveSpec,
+    needs_teacher,
+    parse_objective,
+    validate_objective,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "IGNORE_INDEX",
+    "Counts",
+    "ObjectiveSpec",
+    "OutputHead",
+    "TeacherTopK",
+    "TokenLoss",
+    "cached_buckets",
+    "divergence_rows",
+    "keep_count",
+    "kept_overlap",
+    "needs_teacher",
+    "output_head",
+    "parse_objective",
+    "select_kept",
+    "step_counts",
+    "teacher_topk",
+    "token_loss",
+    "token_loss_chunked",
+    "token_scores",
+    "token_scores_chunked",
+    "valid_mask",
+    "validate_objective",
+]
