@@ -430,7 +430,7 @@ def test_curve_plots_mean_and_band_over_seeds_per_column(tmp_path):
     runs, _ = load_runs([tmp_path / "runs"])
     from matplotlib.figure import Figure
 
-    from uapt.table import _draw_curve
+    from uapt.table.plots import _draw_curve
 
     spec = load_experiment(exp_path).plots[0]
     fig = Figure()

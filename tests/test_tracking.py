@@ -14,7 +14,8 @@ from helpers import REPO, TINY, env, records, run_cli, train
 from wandb_records import BLOCK, FIRST, LAST, MIDDLE, OfflineRun, chunks, offline_run_file, read_run
 
 from uapt.evaluation import result_rows
-from uapt.table import _md_escape, build_table, grid, load_experiment, load_runs
+from uapt.table import build_table, grid, load_experiment, load_runs
+from uapt.table.render import _md_escape
 from uapt.tracking import log_eval_results, one_line, tags
 from uapt.wandb_report import (
     build_workspace,

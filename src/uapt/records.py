@@ -11,7 +11,8 @@ import json
 import platform
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -258,3 +259,75 @@ class RunRecord:
 
     def flush(self) -> None:
         files.write_json(self.folder / "run.json", self.data)
+
+
+# ----------------------------------------------------------------------------- reading runs back
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    data: Mapping[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.data.get("status") or "unknown")
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("slug") or self.folder.name)
+
+    @property
+    def seed(self) -> Any:
+        return (self.data.get("summary") or {}).get("seed")
+
+    def identity(self) -> dict[str, Any]:
+        """What a run computes apart from its seed (equal identities differ by seed only)."""
+        config = self.data.get("config")
+        try:
+            ident = semantic_config(config) if isinstance(config, Mapping) else None
+        except (KeyError, TypeError, AttributeError):
+            ident = None
+        if ident is None:
+            ident = {"summary": dict(self.data.get("summary") or {})}
+            ident["summary"].pop("experiment", None)
+        ident.pop("seed", None)
+        ident.get("summary", {}).pop("seed", None)
+        return ident
+
+
+def load_runs(dirs: Iterable[str | Path]) -> tuple[list[Run], list[str]]:
+    """Every `<dir>/*/run.json` (or `<dir>/run.json`); returns the runs and load problems."""
+    runs: list[Run] = []
+    problems: list[str] = []
+    for d in map(Path, dirs):
+        folders = (
+            [d]
+            if (d / "run.json").is_file()
+            # wandb/: W&B's own folder (logger.dir defaults to the runs directory), not a run
+            else sorted(
+                p
+                for p in d.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and p.name != "wandb"
+            )
+        )
+        for folder in folders:
+            path = folder / "run.json"
+            if not path.is_file():
+                problems.append(f"{folder}: no run.json (skipped)")
+                continue
+            try:
+                data = files.read_json(path)
+            except OSError as e:
+                problems.append(f"{path}: unreadable ({e}) (skipped)")
+                continue
+            except files.DamagedFile as e:
+                problems.append(f"{e} (skipped)")
+                continue
+            if not isinstance(data, dict) or not isinstance(data.get("summary"), dict):
+                problems.append(f"{path}: not a run record (no summary) (skipped)")
+                continue
+            runs.append(Run(folder, data))
+    return runs, problems

@@ -1,0 +1,50 @@
+"""uapt-table: the paper's tables and plots from finished run records (docs/tables.md).
+
+An experiment file (experiments/*.yaml) selects runs among `<runs_dir>/<slug>-<id>/run.json`, lays
+them out as rows x columns, aggregates every cell over seeds (mean ± sample std), gives every
+delta to the baseline column a paired bootstrap interval and renders it for the terminal (rich),
+Markdown, CSV or LaTeX; `--plot OUTDIR` draws the file's figures as PNG. Runs that are not
+completed are counted and reported, never aggregated; expected cells without results read
+"missing". Read in the order of the flow:
+
+- `spec`: the experiment file, checked (`values`: paths, YAML with lines, constants);
+- `aggregate` (with `cells`, `intervals`): the arithmetic of the table;
+- `render`, `plots`: text and figures;
+- `cli`: the command. Run records are read by uapt.records (load_runs), next to where they are
+  written.
+"""
+
+from uapt.records import Run, load_runs
+from uapt.table.aggregate import build_table
+from uapt.table.cells import Cell, Table
+from uapt.table.cli import main
+from uapt.table.plots import make_plots
+from uapt.table.render import grid, render, to_csv, to_latex, to_markdown, to_rich, to_text
+from uapt.table.spec import Experiment, Metric, load_experiment, parse_experiment
+from uapt.table.values import ExperimentError, TableError, field_path, lookup, split_path
+
+__all__ = [
+    "Cell",
+    "Experiment",
+    "ExperimentError",
+    "Metric",
+    "Run",
+    "Table",
+    "TableError",
+    "build_table",
+    "field_path",
+    "grid",
+    "load_experiment",
+    "load_runs",
+    "lookup",
+    "main",
+    "make_plots",
+    "parse_experiment",
+    "render",
+    "split_path",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+    "to_rich",
+    "to_text",
+]
