@@ -85,7 +85,7 @@ def log_eval_results(wandb_run: Any, results: Mapping[str, Any]) -> None:
         return
     import wandb
 
-    from uapt.evaluation import result_rows  # evaluation's data, shaped for a table
+    from uapt.evaluation.run import result_rows  # evaluation's data, shaped for a table
 
     wandb_run.summary.update(eval_summary(results))
     wandb_run.summary["eval/results"] = wandb.Table(

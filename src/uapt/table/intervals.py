@@ -1,5 +1,5 @@
 """The deltas' intervals: a paired bootstrap of every delta to the baseline column (uapt.bootstrap),
-over the runs' per-sample outcomes (uapt.outcomes) where they exist, over seeds otherwise."""
+over the runs' per-sample outcomes (uapt.evaluation.outcomes) where they exist, over seeds otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uapt import bootstrap, files, outcomes
+from uapt import bootstrap, files
+from uapt.evaluation import outcomes
 from uapt.records import Run
 from uapt.table.cells import Cell, Table, _where, _where_row
 from uapt.table.spec import Experiment, Metric

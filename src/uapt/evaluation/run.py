@@ -1,0 +1,270 @@
+"""Running a suite: lm-eval on the in-memory model (`run_suite`), its results flattened to
+{task: {metric: value}}, per-sample outcomes kept, and the base model's scores cached per (model,
+suite)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from uapt.evaluation import outcomes
+from uapt.evaluation.suite import NON_SEMANTIC, SUITE_DEFAULTS, suite_tasks
+from uapt.evaluation.tasks import lm_eval_version, task_request
+
+log = logging.getLogger("uapt.evaluation")
+
+
+def evaluate_lm(
+    lm: Any,
+    suite_cfg: Mapping[str, Any],
+    *,
+    out_dir: Path | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Run every task of the suite on an lm-eval LM; {} for the `none` suite or no tasks.
+
+    This is the whole scoring path: run_suite wraps the model in HFLM and calls this.
+    Seeds: lm-eval's defaults (0, 1234, 1234, 1234) shifted by `seed`.
+    """
+    specs = suite_tasks(suite_cfg)
+    if not specs:
+        return {}
+    from lm_eval.evaluator import simple_evaluate
+
+    from uapt.ifeval import prepare_ifeval
+
+    suite = {**SUITE_DEFAULTS, **suite_cfg}
+    prepare_ifeval()  # lm-eval's IFEval code downloads punkt_tab at import unless NLTK finds it
+    include = suite["include_path"]
+    include = [include] if isinstance(include, str) else list(include or [])
+    scores: dict[str, dict[str, float | None]] = {}
+    meta: dict[str, Any] = {"n_samples": {}, "task_versions": {}, "seconds": {}}
+    kept: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    for spec in specs:
+        started = time.perf_counter()
+        request, manager, is_cfg = task_request(spec, include)
+        raw = simple_evaluate(
+            model=lm,
+            tasks=[request],
+            task_manager=manager,
+            limit=spec.limit,
+            num_fewshot=None if is_cfg else spec.num_fewshot,
+            gen_kwargs={"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None,
+            apply_chat_template=spec.apply_chat_template,
+            fewshot_as_multiturn=spec.fewshot_as_multiturn,
+            system_instruction=suite["system_instruction"],
+            bootstrap_iters=suite["bootstrap_iters"],
+            log_samples=True,  # per-sample outcomes are always kept (uapt.evaluation.outcomes)
+            device=device,
+            random_seed=seed,
+            numpy_random_seed=1234 + seed,
+            torch_random_seed=1234 + seed,
+            fewshot_random_seed=1234 + seed,
+        )
+        if raw is None:  # not rank 0 (lm-eval returns results on rank 0 only)
+            continue
+        keep = None if suite["subtasks"] else {spec.name}
+        # a tag (e.g. ai2_arc) has no aggregate of its own: then every task it expanded to
+        scores.update(flatten_results(raw, keep) or flatten_results(raw))
+        meta["n_samples"].update(raw.get("n-samples", {}))
+        meta["task_versions"].update(
+            {k: v for k, v in raw.get("versions", {}).items() if v is not None}
+        )
+        meta["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+        lines, skipped = outcomes.from_samples(raw.get("samples") or {}, scores)
+        kept, dropped = kept + lines, dropped + skipped
+        if out_dir is not None and suite["log_samples"]:
+            write_samples(Path(out_dir) / "eval_samples", raw.get("samples") or {})
+    if out_dir is not None:
+        outcomes.write(Path(out_dir), kept)
+    meta["outcomes"] = {"file": outcomes.FILE, "lines": len(kept), "not_per_sample": dropped}
+    meta_out = {
+        "suite": _plain(suite_cfg),
+        "lm_eval_version": lm_eval_version(),
+        "seed": seed,
+        **meta,
+    }
+    return {"eval": scores, "eval_meta": json.loads(json.dumps(meta_out, default=str))}
+
+
+def run_suite(
+    model: Any,
+    tokenizer: Any,
+    suite_cfg: Mapping[str, Any],
+    *,
+    device: Any,
+    out_dir: Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate an in-memory model (on `device` already) with a suite: {"eval", "eval_meta"} or {}.
+
+    The model goes to eval mode for the duration and back to its previous mode afterwards.
+    Per-sample outputs go to <out_dir>/eval_samples/<task>.jsonl when `eval.log_samples` is true.
+    """
+    if not suite_tasks(suite_cfg):
+        return {}
+    from lm_eval.models.huggingface import HFLM
+
+    suite = {**SUITE_DEFAULTS, **suite_cfg}
+    was_training = model.training
+    try:
+        # simple_evaluate ignores its batch_size for a model object: the HFLM carries it.
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=suite["batch_size"],
+            max_batch_size=suite["max_batch_size"],
+            max_length=suite["max_length"],
+        )
+        return evaluate_lm(lm, suite_cfg, out_dir=out_dir, seed=seed, device=str(device))
+    finally:
+        model.train(was_training)
+
+
+def flatten_results(
+    raw: Mapping[str, Any], keep: set[str] | None = None
+) -> dict[str, dict[str, float | None]]:
+    """lm-eval's results -> {task: {metric: value, metric + "_stderr": value}}.
+
+    Keys are lm-eval's "metric,filter" with ",none" dropped: "acc", "exact_match,strict-match",
+    "exact_match,strict-match_stderr". Stderrs lm-eval could not compute ("N/A") become None.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for section in ("groups", "results"):  # a group's aggregate appears in both; results win
+        for task, metrics in (raw.get(section) or {}).items():
+            if keep is not None and task not in keep:
+                continue
+            row = out.setdefault(task, {})
+            for key, value in metrics.items():
+                if "," not in key:  # "alias", "sample_len", ...
+                    continue
+                metric, filt = key.split(",", 1)
+                stderr = metric.endswith("_stderr")
+                metric = metric.removesuffix("_stderr")
+                name = (metric if filt == "none" else f"{metric},{filt}") + (
+                    "_stderr" if stderr else ""
+                )
+                row[name] = _number(value)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(node, DictConfig | ListConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:
+        pass
+    return json.loads(json.dumps(node, default=str))
+
+
+def write_samples(folder: Path, samples: Mapping[str, list[dict[str, Any]]]) -> None:
+    from lm_eval.utils import handle_non_serializable
+
+    from uapt import files
+
+    for task, rows in samples.items():
+        lines = (
+            json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n"
+            for row in rows
+        )
+        files.write_text(folder / f"{task}.jsonl", "".join(lines))
+
+
+def score_delta(
+    scores: Mapping[str, Mapping[str, Any]], base: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """scores - base for every (task, metric) both have (stderrs excluded)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            ref = (base.get(task) or {}).get(metric)
+            if metric.endswith("_stderr") or _number(value) is None or _number(ref) is None:
+                continue
+            out.setdefault(task, {})[metric] = float(value) - float(ref)
+    return out
+
+
+def suite_hash(suite_cfg: Mapping[str, Any]) -> str:
+    """Identity of what a suite computes (not batch size or sample logging), with lm-eval's version."""
+    node = {k: v for k, v in _plain(suite_cfg).items() if k not in NON_SEMANTIC}
+    blob = json.dumps({"suite": node, "lm_eval": lm_eval_version()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def base_scores(
+    model_cfg: Mapping[str, Any],
+    suite_cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    evaluate_fn: Callable[[], dict[str, Any]],
+    *,
+    init_seed: int | None = None,
+    inputs: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The initial model's run_suite result, computed once per (model, suite) and cached as JSON.
+
+    `evaluate_fn()` runs the suite on the initial model; it is called only on a cache miss.
+    A random-init model (no `model.path`) depends on its init seed: pass it as `init_seed`.
+    `inputs`: the run's content fingerprints (uapt.inputs); those of the model and the suite's
+    data files enter the key, so an edited local model or eval file is scored again.
+    """
+    if not suite_tasks(suite_cfg):
+        return {}
+    from uapt import files
+    from uapt.models import model_fingerprint
+
+    key = f"{model_fingerprint(model_cfg)}-{suite_hash(suite_cfg)}"
+    if not model_cfg.get("path") and init_seed is not None:
+        key += f"-s{init_seed}"
+    local = {k: v for k, v in (inputs or {}).items() if k.startswith(("model.", "eval."))}
+    if local:
+        key += "-" + hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir).expanduser() / "base_scores" / f"{key}.json"
+    if path.exists():
+        try:
+            cached = files.read_json(path)
+            log.info("base scores from cache %s", path)
+            return cached
+        except files.DamagedFile as e:
+            log.warning("base-score cache %s is damaged (%s); evaluating again", path, e.why)
+    result = evaluate_fn()
+    files.write_json(path, result)
+    return result
+
+
+def result_rows(results: Mapping[str, Any]) -> list[list[Any]]:
+    """[task, metric, value, stderr, base, delta] per metric, from a run_suite result or run record."""
+    base, delta = results.get("eval_base") or {}, results.get("eval_delta") or {}
+    rows = []
+    for task, metrics in (results.get("eval") or {}).items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr"):
+                continue
+            rows.append(
+                [
+                    task,
+                    metric,
+                    value,
+                    metrics.get(metric + "_stderr"),
+                    (base.get(task) or {}).get(metric),
+                    (delta.get(task) or {}).get(metric),
+                ]
+            )
+    return rows
