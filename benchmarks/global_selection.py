@@ -50,7 +50,8 @@ QUICK = {"tiny": (4, 1, 2)}
 def loop_for(model: str, objective: list[str], batch: int, scope_size: int | None):
     from uapt import distributed
     from uapt.config import validate
-    from uapt.train import Trainer, build, data_stream, pick_device, seed_everything
+    from uapt.loop import Trainer
+    from uapt.train import build, data_stream, pick_device, seed_everything
 
     size = "null" if scope_size is None else str(scope_size)
     cfg = compose(

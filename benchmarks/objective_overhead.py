@@ -76,7 +76,8 @@ def make_loop(cfg: dict[str, Any]):
     Every build seeds the initial weights with the run seed, so all variants start equal."""
     from uapt import distributed
     from uapt.config import validate
-    from uapt.train import Trainer, build, data_stream, pick_device, seed_everything
+    from uapt.loop import Trainer
+    from uapt.train import build, data_stream, pick_device, seed_everything
 
     validate(cfg)
     world = distributed.World()

@@ -70,7 +70,8 @@ def gsm8k_overrides(model: str) -> list[str]:
 def loop_for(model: str, objective: str, extra: list[str]):
     from uapt import distributed
     from uapt.config import validate
-    from uapt.train import Trainer, build, data_stream, parallelize, pick_device, seed_everything
+    from uapt.loop import Trainer
+    from uapt.train import build, data_stream, parallelize, pick_device, seed_everything
 
     cfg = compose(
         [

@@ -69,7 +69,8 @@ def uapt_loop(cfg: dict[str, Any]):
     """uapt's Trainer with its pieces from uapt.train.build, as a run builds them."""
     from uapt import distributed
     from uapt.config import accumulation_steps, validate
-    from uapt.train import Trainer, build, data_stream, pick_device, seed_everything
+    from uapt.loop import Trainer
+    from uapt.train import build, data_stream, pick_device, seed_everything
 
     validate(cfg)
     world = distributed.World()

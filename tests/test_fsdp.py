@@ -71,7 +71,7 @@ def nll_sum(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> 
 
 def distill_sum(student, teacher, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed NLL + KL(teacher || student) over labelled positions; the teacher runs between
-    the student's forward and backward, as in uapt.train.forward_loss."""
+    the student's forward and backward, as in uapt.loop.forward_loss."""
     logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
     with torch.no_grad():
         target = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
@@ -223,11 +223,11 @@ def objective(chunk_size: int) -> dict:
 
 
 def loss_and_grad_norm(student, teacher, ids, labels, chunk: int, scale: float, counts) -> list:
-    """uapt.train.forward_loss (the loop's own) with the global batch's counts: total loss,
+    """uapt.loop.forward_loss (the loop's own) with the global batch's counts: total loss,
     backward, global grad norm."""
     from uapt import fsdp
+    from uapt.loop import forward_loss
     from uapt.objectives import parse_objective
-    from uapt.train import forward_loss
 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     spec = parse_objective(objective(chunk))

@@ -82,14 +82,17 @@ def run_steps(cfg: dict, world) -> dict:
     """Train STEPS steps of `cfg` in this process (one rank of `world`): per step the loss and
     grad norm, the kept positions of every row this rank ran (by global row), the final weights."""
     from uapt import fsdp, train
+    from uapt import loop as trainer_loop
 
     train.seed_everything(cfg["seed"], True)
     parts = train.build(cfg, torch.device("cpu"), world)
     stream = train.data_stream(cfg, parts, world)
     train.parallelize(cfg, parts, torch.device("cpu"), world)
-    loop = train.Trainer(cfg, parts.runner, parts.teacher, stream, torch.device("cpu"), world)
+    loop = trainer_loop.Trainer(
+        cfg, parts.runner, parts.teacher, stream, torch.device("cpu"), world
+    )
     kept: dict[tuple[int, int], tuple[int, ...]] = {}
-    forward_loss = train.forward_loss
+    forward_loss = trainer_loop.forward_loss
 
     def recording(*args, **kwargs):
         out = forward_loss(*args, **kwargs)
@@ -102,14 +105,14 @@ def run_steps(cfg: dict, world) -> dict:
 
     recording.calls = 0
     recording.first_call = {}
-    train.forward_loss = recording
+    trainer_loop.forward_loss = recording
     steps = []
     try:
         for step in range(STEPS):
             recording.first_call[step] = recording.calls
             steps.append(loop.train_step())
     finally:
-        train.forward_loss = forward_loss
+        trainer_loop.forward_loss = forward_loss
     if fsdp.is_sharded(parts.model):
         weights, _ = fsdp.full_state_dicts(parts.model, loop.optimizer)
     else:

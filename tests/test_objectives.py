@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from uapt.distributed import World
+from uapt.loop import loss_metrics
 from uapt.objectives import (
     Counts,
     OutputHead,
@@ -30,7 +31,6 @@ from uapt.objectives import (
     valid_mask,
     validate_objective,
 )
-from uapt.train import loss_metrics
 
 B, T, V = 3, 7, 6
 
