@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_report
-from common import REPO, fmt_spread, load_average, subprocess_env, table
+from common import REPO, fmt_spread, subprocess_env, table
 
 HERE = Path(__file__).resolve().parent
 DOC = REPO / "docs" / "performance.md"
@@ -47,6 +47,7 @@ BENCHMARKS = (
     Benchmark("grid_walltime", "grid_walltime.py"),
     Benchmark("teacher_topk_gap", "teacher_topk_gap.py"),
     Benchmark("global_selection", "global_selection.py"),
+    Benchmark("packing", "packing.py"),
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
     Benchmark(
@@ -67,6 +68,26 @@ class Outcome:
     stdout: str
     stderr_tail: str
     payload: dict[str, Any] | None = field(default=None)
+    measured_at: str = ""  # UTC, when the benchmark ran
+    machine_lines: list[str] = field(default_factory=list)  # where it ran, as the page shows it
+
+
+# Every benchmark's last full run, kept in the repository: the page is rendered from these, so a
+# benchmark re-run alone (--only) replaces its own figures and keeps everyone else's.
+STORE = REPO / "docs" / "results" / "benchmarks"
+
+
+def save(o: Outcome) -> None:
+    STORE.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in o.__dict__.items() if k != "benchmark"}
+    (STORE / f"{o.benchmark.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def stored(bench: Benchmark) -> Outcome | None:
+    path = STORE / f"{bench.name}.json"
+    if not path.exists():
+        return None
+    return Outcome(bench, **json.loads(path.read_text()))
 
 
 def run(bench: Benchmark, quick: bool, out_dir: Path) -> Outcome:
@@ -82,7 +103,19 @@ def run(bench: Benchmark, quick: bool, out_dir: Path) -> Outcome:
     payload = json.loads(json_path.read_text()) if json_path.exists() else None
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr, flush=True)
-    return Outcome(bench, cmd, seconds, proc.returncode, proc.stdout, proc.stderr[-3000:], payload)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = _machine_lines((payload or {}).get("machine", {}))
+    return Outcome(
+        bench,
+        cmd,
+        seconds,
+        proc.returncode,
+        proc.stdout,
+        proc.stderr[-3000:],
+        payload,
+        when,
+        machine,
+    )
 
 
 # ----------------------------------------------------------------------------- summary rows
@@ -223,7 +256,41 @@ def rows_global_selection(p: dict[str, Any]) -> list[Row]:
     ]
 
 
+def rows_packing(p: dict[str, Any]) -> list[Row]:
+    rows = []
+    for r in p["packing"]:
+        rows.append(
+            [
+                f"assistant tokens/s packed / padded, {r['objective']} ({r['model']}, "
+                f"micro-batch {r['micro_batch_size']}, padding {r['pad_frac']['padded']:.0%})",
+                fmt_spread(r["ratio"]),
+                f">= {r['ratio']['target']}",
+                _verdict(r["ratio"]),
+            ]
+        )
+        if r.get("ratio_budget"):
+            rows.append(
+                [
+                    f"the same, packed + token budget {r['token_budget']} ({r['model']})",
+                    fmt_spread(r["ratio_budget"]),
+                    "(no target)",
+                    "",
+                ]
+            )
+    for c in p["compile"]:
+        rows.append(
+            [
+                f"step time compiled / eager ({c['model']}; compiling: {c['compile_s']:.0f} s once)",
+                fmt_spread(c["ratio"]),
+                f"<= {c['ratio']['target']}",
+                _verdict(c["ratio"]),
+            ]
+        )
+    return rows
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "packing": rows_packing,
     "global_selection": rows_global_selection,
     "objective_overhead": rows_objective_overhead,
     "trainer_throughput": rows_trainer_throughput,
@@ -269,6 +336,7 @@ The benchmarks:
 | `grid_walltime.py` | wall time of `uapt-train -m` over 4 objectives x 2 seeds on the tiny model, live vs cached teacher | cached < live |
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
 | `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |
+| `packing.py` | assistant tokens/s of packed / padded micro-batches (and packed split by a token budget), SmolLM2-135M-Instruct on real GSM8K rows, micro-batch 8, mle and masked_mle_distill; step time of `trainer.compile=true` / eager, tiny and SmolLM2 | packed >= 1.3; compiled <= 0.8 |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
 Two targets are out of reach by construction, whatever the machine:
@@ -286,45 +354,64 @@ Two targets are out of reach by construction, whatever the machine:
   about a fifth of what the naive loss adds at 2,048 tokens, so the ratio cannot reach 1/8. With
   a frozen head (LoRA) it vanishes: `loss_memory.py --frozen-head`.
 
+Packing and compile (`packing.py`):
+
+- **Padding.** A micro-batch is padded to its longest row. On the real GSM8K rows with SmolLM2's
+  chat template, micro-batches of 8 are about 40 % padding, all of it computed and thrown away.
+  `trainer.packing=true` (the default) runs a micro-batch's rows as one sequence with position ids
+  restarting per row: no padding is computed (the `pad_frac` of every logged step is 0). On SDPA
+  models attention runs row by row (`uapt.models.rows_attention`), because transformers' own
+  packed format builds one block-diagonal mask over the whole sequence, whose attention cost
+  (N² for N packed tokens instead of the sum of each row's T²) would eat the saving on a CPU. The
+  numbers are the padded ones (tests/test_packing.py, tests/test_invariance.py).
+- **Compile.** `trainer.compile=true` compiles each decoder layer with torch.compile (dynamic
+  shapes). On CPU it compiles once in 30-45 s and then steps within noise of eager (the figures
+  below), so `trainer.compile=auto` leaves it off on CPU; on CUDA it is untested (no GPU was lent)
+  and `auto` leaves it off there too until it is measured.
+
 Reproduce: `python benchmarks/run_all.py` (about 15 minutes on 2 busy cores), or one benchmark:
 `python benchmarks/<name>.py [--quick] [--json out.json] [--rounds N] [--threads N]`.
 `--quick` runs smoke-test sizes (tests/test_benchmarks.py runs them and checks the JSON).
 """
 
 
-def render_doc(outcomes: list[Outcome], quick: bool, load: tuple[list | None, list | None]) -> str:
-    machine = next(
-        (o.payload["machine"] for o in outcomes if o.payload and "machine" in o.payload), {}
-    )
+def render_doc(outcomes: list[Outcome | None], quick: bool) -> str:
+    """The page: every benchmark's last run (None: not measured yet), each with its own date
+    and machine, then the GPU record."""
     lines = [INTRO, "## Results", ""]
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines.append(f"Generated {when}{' with --quick (smoke sizes, not figures)' if quick else ''}.")
-    lines += ["", "### Machine", "", *_machine_lines(machine, load), ""]
-    lines += ["### Summary", ""]
+    lines.append(
+        f"Rendered {when}{' from a --quick run (smoke sizes, not figures)' if quick else ''} "
+        "from each benchmark's last full run (`docs/results/benchmarks/<name>.json`); each "
+        "section says when and on which machine it ran."
+    )
+    lines += ["", "### Summary", ""]
     rows: list[Row] = []
-    for o in outcomes:
-        if o.payload is None:
-            rows.append([o.benchmark.name, "**failed**", "", f"exit status {o.returncode}"])
-            continue
-        rows += SUMMARIES[o.benchmark.name](o.payload)
+    for bench, o in zip(BENCHMARKS, outcomes, strict=True):
+        if o is None:
+            rows.append([bench.name, "not measured yet", "", ""])
+        elif o.payload is None:
+            rows.append([bench.name, "**failed**", "", f"exit status {o.returncode}"])
+        else:
+            rows += SUMMARIES[bench.name](o.payload)
     lines += [table(["measure", "ratio: median [min-max]", "target", "verdict"], rows), ""]
     for o in outcomes:
-        lines += _section(o)
+        if o is not None:
+            lines += _section(o)
     gpu = gpu_report.saved_section()  # kept across CPU runs: it has its own record and date
     if gpu:
         lines += [gpu]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _machine_lines(machine: dict[str, Any], load: tuple[list | None, list | None]) -> list[str]:
+def _machine_lines(machine: dict[str, Any]) -> list[str]:
     versions = machine.get("versions", {})
     return [
-        f"- CPU: {machine.get('cpu_model')}, {machine.get('cores')} cores; "
+        f"CPU: {machine.get('cpu_model')}, {machine.get('cores')} cores; "
         f"torch threads {machine.get('torch_threads')}; device {machine.get('device')}"
         + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
-        f"- Python {machine.get('python')} on {machine.get('platform')}",
-        "- " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- load average (1, 5, 15 min): {load[0]} before, {load[1]} after the whole run",
+        f"Python {machine.get('python')} on {machine.get('platform')}",
+        ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
 
 
@@ -334,7 +421,9 @@ def _section(o: Outcome) -> list[str]:
     lines = [
         f"### {o.benchmark.name}",
         "",
-        f"`{cmd}` — {o.seconds:.0f} s, exit status {o.returncode}.",
+        f"`{cmd}` — {o.seconds:.0f} s, exit status {o.returncode}; measured {o.measured_at}.",
+        "",
+        *(f"- {line}" for line in o.machine_lines),
         "",
         "```text",
         o.stdout.strip() or "(no output)",
@@ -380,14 +469,14 @@ def compact_json(value: Any, indent: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke sizes (does not touch docs/)")
+    p.add_argument("--quick", action="store_true", help="smoke sizes (touches neither docs/)")
     p.add_argument("--only", default=None, help="comma-separated benchmark names")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="JSON output folder")
     p.add_argument(
         "--doc",
         type=Path,
         default=None,
-        help="document to write (default docs/performance.md; none by default with --quick/--only)",
+        help="document to write (default docs/performance.md; none with --quick)",
     )
     args = p.parse_args(argv)
     names = [b.name for b in BENCHMARKS]
@@ -395,16 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         p.error(f"--only: unknown {unknown}; choose from {', '.join(names)}")
-    doc = args.doc or (None if args.quick or args.only else DOC)
+    doc = args.doc or (None if args.quick else DOC)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    before = load_average()
-    outcomes = [run(b, args.quick, args.out_dir) for b in BENCHMARKS if b.name in chosen]
-    after = load_average()
+    outcomes = {b.name: run(b, args.quick, args.out_dir) for b in BENCHMARKS if b.name in chosen}
+    if not args.quick:
+        for o in outcomes.values():
+            save(o)
     if doc is not None:
+        every = [outcomes.get(b.name) or stored(b) for b in BENCHMARKS]
         doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(render_doc(outcomes, args.quick, (before, after)))
+        doc.write_text(render_doc(every, args.quick))
         print(f"wrote {doc}")
-    failed = [o.benchmark.name for o in outcomes if o.returncode != 0 or o.payload is None]
+    failed = [o.benchmark.name for o in outcomes.values() if o.returncode != 0 or o.payload is None]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
