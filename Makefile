@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The tests never touch the network: the Hub and W&B are offline.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format uat bench gpu-check gpu-wheels clean slurm-packages cluster-start cluster-stop
+.PHONY: setup demo test test-fast lint format uat bench gpu-check gpu-wheels clean slurm-packages cluster-start cluster-stop
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ demo: setup
 
 test: setup slurm-packages
 	$(OFFLINE) $(BIN)/pytest -q tests uat -m "not full"
+
+# Unit tests only (no subprocess runs, no clusters): the lane to run while developing.
+test-fast: setup
+	$(OFFLINE) $(BIN)/pytest -q tests -m "not slow"
 
 uat: setup
 	$(BIN)/pytest -q uat

@@ -28,6 +28,10 @@ package and not its internals.
     python benchmarks/gpu_check.py --render <record.json>   # the record as Markdown
     python benchmarks/gpu_check.py --doc <record.json>      # into docs/performance.md ("GPU")
 
+Why this size: it is carried as one file to a borrowed GPU machine with a few minutes of time
+and no package index, where every section shares one setup, one time budget and one record;
+its Markdown rendering lives apart (benchmarks/gpu_report.py).
+
 The full run is sized for about 5 minutes on one H200 (an estimate from the work it does: it has
 not run on a GPU yet). It starts no item after --deadline-s (300 s by default) nor one with less
 than 30 s left, and kills a run at the deadline, so it ends within seconds of it. A machine

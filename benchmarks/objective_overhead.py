@@ -76,15 +76,14 @@ def make_loop(cfg: dict[str, Any]):
     Every build seeds the initial weights with the run seed, so all variants start equal."""
     from uapt import distributed
     from uapt.config import validate
-    from uapt.loop import Trainer
-    from uapt.train import build, data_stream, pick_device, seed_everything
+    from uapt.train import build, data_stream, make_trainer, pick_device, seed_everything
 
-    validate(cfg)
+    cfg = validate(cfg)
     world = distributed.World()
-    device = pick_device(cfg["trainer"]["device"], world)
-    seed_everything(cfg["seed"], cfg["trainer"]["deterministic"])
+    device = pick_device(cfg.trainer.device, world)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     parts = build(cfg, device, world)
-    return Trainer(cfg, parts.runner, parts.teacher, data_stream(cfg, parts, world), device, world)
+    return make_trainer(cfg, parts, data_stream(cfg, parts, world), device, world)
 
 
 def step_level(

@@ -70,8 +70,14 @@ def gsm8k_overrides(model: str) -> list[str]:
 def loop_for(model: str, objective: str, extra: list[str]):
     from uapt import distributed
     from uapt.config import validate
-    from uapt.loop import Trainer
-    from uapt.train import build, data_stream, parallelize, pick_device, seed_everything
+    from uapt.train import (
+        build,
+        data_stream,
+        make_trainer,
+        parallelize,
+        pick_device,
+        seed_everything,
+    )
 
     cfg = compose(
         [
@@ -85,14 +91,14 @@ def loop_for(model: str, objective: str, extra: list[str]):
             *extra,
         ]
     )
-    validate(cfg)
+    cfg = validate(cfg)
     world = distributed.World()
-    device = pick_device(cfg["trainer"]["device"], world)
-    seed_everything(cfg["seed"], cfg["trainer"]["deterministic"])
+    device = pick_device(cfg.trainer.device, world)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     parts = build(cfg, device, world)
     stream = data_stream(cfg, parts, world)
     parallelize(cfg, parts, device, world)  # applies trainer.compile
-    return Trainer(cfg, parts.runner, parts.teacher, stream, device, world)
+    return make_trainer(cfg, parts, stream, device, world)
 
 
 def measure_packing(model: str, warmup: int, rounds: int, budget: int | None) -> list[dict]:

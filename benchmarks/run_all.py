@@ -360,7 +360,7 @@ Packing and compile (`packing.py`):
   chat template, micro-batches of 8 are about 40 % padding, all of it computed and thrown away.
   `trainer.packing=true` (the default) runs a micro-batch's rows as one sequence with position ids
   restarting per row: no padding is computed (the `pad_frac` of every logged step is 0). On SDPA
-  models attention runs row by row (`uapt.models.rows_attention`), because transformers' own
+  models attention runs row by row (`uapt.packing.rows_attention`), because transformers' own
   packed format builds one block-diagonal mask over the whole sequence, whose attention cost
   (N² for N packed tokens instead of the sum of each row's T²) would eat the saving on a CPU. The
   numbers are the padded ones (tests/test_packing.py, tests/test_invariance.py).

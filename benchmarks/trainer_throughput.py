@@ -68,19 +68,17 @@ def run_overrides(model: str, extra: list[str]) -> list[str]:
 def uapt_loop(cfg: dict[str, Any]):
     """uapt's Trainer with its pieces from uapt.train.build, as a run builds them."""
     from uapt import distributed
-    from uapt.config import accumulation_steps, validate
-    from uapt.loop import Trainer
-    from uapt.train import build, data_stream, pick_device, seed_everything
+    from uapt.config import validate
+    from uapt.train import build, data_stream, make_trainer, pick_device, seed_everything
 
-    validate(cfg)
+    cfg = validate(cfg)
     world = distributed.World()
-    device = pick_device(cfg["trainer"]["device"], world)
-    seed_everything(cfg["seed"], cfg["trainer"]["deterministic"])
+    device = pick_device(cfg.trainer.device, world)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     parts = build(cfg, device, world)
-    trainer = cfg["trainer"]
-    if accumulation_steps(trainer, 1) != 1:
+    if cfg.trainer.accumulation(1) != 1:
         raise ValueError("trainer_throughput compares without gradient accumulation")
-    return Trainer(cfg, parts.runner, None, data_stream(cfg, parts, world), device, world), parts
+    return make_trainer(cfg, parts, data_stream(cfg, parts, world), device, world), parts
 
 
 def stream_rows(stream, batches: range) -> list[dict[str, list[int]]]:

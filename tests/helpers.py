@@ -67,14 +67,19 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def tiny_model_cfg() -> dict:
-    """conf/model/tiny.yaml as Hydra composes it (merged over conf/model/base.yaml)."""
+def compose_run(*overrides: str) -> dict:
+    """The plain config `uapt-train <overrides>` runs (Hydra compose, resolved)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=tiny"])
-    return OmegaConf.to_container(cfg.model, resolve=True)
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def tiny_model_cfg() -> dict:
+    """conf/model/tiny.yaml as Hydra composes it (merged over conf/model/base.yaml)."""
+    return compose_run("model=tiny")["model"]
 
 
 # ----------------------------------------------------------------------------- AdamW tolerances

@@ -70,6 +70,7 @@ def test_variants_set_the_knobs_they_are_named_after():
         obj = compose_plain([f"variant={name}"])["objective"]
         assert (obj["name"], obj["mask_ratio"], obj["distill_weight"]) == (objective, rho, lam)
         assert objective_variant(obj) == label
+        assert label.replace(".", "").replace("-", "_") == name  # the naming rule, docs/tables.md
 
 
 def test_objective_variants_have_documented_semantics():

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from uapt import data
-from uapt.config import ConfigError
 from uapt.data import DataError, build_datasets, collate, load_conversations
+from uapt.schema import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -9,10 +9,9 @@ import string
 from pathlib import Path
 
 import pytest
-from helpers import tiny_model_cfg
+from helpers import compose_run, tiny_model_cfg
 from omegaconf import OmegaConf
 
-from uapt.config import ConfigError
 from uapt.evaluation import (
     base_scores,
     evaluate_cli,
@@ -25,6 +24,7 @@ from uapt.evaluation import (
     suite_tasks,
     validate_suite,
 )
+from uapt.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CONF = REPO / "conf" / "eval"
@@ -361,6 +361,10 @@ def test_every_suite_config_validates(monkeypatch):
     for path in sorted(EVAL_CONF.glob("*.yaml")):
         if path.stem == "local_real" and not (REPO.parent / "shared" / "data").exists():
             continue
+        if path.stem == "base":  # every key's default, no suite of its own
+            with pytest.raises(ConfigError, match=r"eval\.name is required"):
+                validate_suite(load_suite(path.stem))
+            continue
         validate_suite(load_suite(path.stem))
     paper = {t.name: t for t in suite_tasks(load_suite("paper"))}
     assert {
@@ -516,13 +520,8 @@ def test_evaluate_cli_prints_and_writes_json(cache_dir, tmp_path, capsys):
     suite.update(limit=2, batch_size=2)
     for task in suite["tasks"]:
         task["max_gen_toks"] = 4
-    cfg = {
-        "model": tiny_model_cfg(),
-        "eval": suite,
-        "cache_dir": str(cache_dir),
-        "trainer": {"device": "cpu"},
-        "seed": 0,
-    }
+    cfg = compose_run("model=tiny", "trainer.device=cpu", f"cache_dir={cache_dir}")
+    cfg["eval"] = suite
     assert evaluate_cli(cfg, output=str(tmp_path / "out.json")) == 0
     written = json.loads((tmp_path / "out.json").read_text())
     assert set(written["eval"]) == {"arith", "ifeval_embedded"}

@@ -83,14 +83,14 @@ def run_steps(cfg: dict, world) -> dict:
     grad norm, the kept positions of every row this rank ran (by global row), the final weights."""
     from uapt import fsdp, train
     from uapt import loop as trainer_loop
+    from uapt.config import validate
 
-    train.seed_everything(cfg["seed"], True)
+    cfg = validate(cfg)
+    train.seed_everything(cfg.seed, True)
     parts = train.build(cfg, torch.device("cpu"), world)
     stream = train.data_stream(cfg, parts, world)
     train.parallelize(cfg, parts, torch.device("cpu"), world)
-    loop = trainer_loop.Trainer(
-        cfg, parts.runner, parts.teacher, stream, torch.device("cpu"), world
-    )
+    loop = train.make_trainer(cfg, parts, stream, torch.device("cpu"), world)
     kept: dict[tuple[int, int], tuple[int, ...]] = {}
     forward_loss = trainer_loop.forward_loss
 

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from uapt.config import ConfigError
 from uapt.models import (
     AdaptersOff,
+    LoraConfig,
+    ModelConfig,
     hidden_states,
     load_model,
-    lora_settings,
     make_teacher,
     model_fingerprint,
-    validate_model,
 )
+from uapt.schema import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU = torch.device("cpu")
@@ -146,7 +146,7 @@ def test_hidden_states_carry_gradients_like_the_logits(tiny_tokenizer, cache_dir
 def test_gemma2_without_eager_attention_is_refused_naming_the_key(tiny_tokenizer, cache_dir):
     cfg = model_cfg("gemma2", attn_implementation="sdpa")
     with pytest.raises(ConfigError, match=r"model\.attn_implementation.*eager"):
-        validate_model(cfg)
+        ModelConfig.parse(cfg)
     with pytest.raises(ConfigError, match=r"model\.attn_implementation.*eager"):
         build(cfg, tiny_tokenizer, cache_dir)
 
@@ -299,17 +299,18 @@ def test_make_teacher_refuses_lora_config_without_adapters(tiny_tokenizer, cache
 def test_bad_lora_options_name_the_key(lora, key, tiny_tokenizer, cache_dir):
     cfg = model_cfg("llama", lora={**LORA, **lora})
     pattern = rf"model\.lora\.{key}\b"
-    with pytest.raises(ValueError, match=pattern):
-        lora_settings(cfg)
+    with pytest.raises(ConfigError, match=pattern):
+        ModelConfig.parse(cfg)
     with pytest.raises(ValueError, match=pattern):
         load_model(cfg, tiny_tokenizer, cache_dir, CPU)
 
 
 def test_lora_options_are_checked_even_when_disabled_and_default_filled():
-    with pytest.raises(ValueError, match=r"model\.lora\.r\b"):
-        lora_settings({"lora": {"enabled": False, "r": -1}})
-    assert lora_settings({"lora": {"enabled": False}}) is None and lora_settings({}) is None
-    assert lora_settings({"lora": {"enabled": True}}) == {
+    with pytest.raises(ConfigError, match=r"model\.lora\.r\b"):
+        LoraConfig.parse({"enabled": False, "r": -1}, "model.lora")
+    assert LoraConfig.parse({"enabled": False}).enabled is False
+    # the values written in conf/model/base.yaml, read here by hand
+    assert LoraConfig.parse({"enabled": True}).as_dict() == {
         "enabled": True,
         "r": 16,
         "alpha": 32,
@@ -396,7 +397,7 @@ def compose_plain(overrides: list[str]) -> dict:
 )
 def test_model_configs_name_real_models_with_safe_settings(name):
     model = compose_plain([f"model={name}"])["model"]
-    validate_model(model)
+    ModelConfig.parse(model)
     assert model["name"] == name and model["trust_remote_code"] is False
     assert model["path"] is None or HUB_ID.fullmatch(model["path"]), model["path"]
     assert model["path"] or model["tokenizer"] == "tiny"
@@ -494,12 +495,14 @@ def test_tokenizer_without_template_gets_chatml_and_overrides_win(
     bare.chat_template = None
     bare.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
-    tok = load_tokenizer({"path": str(tmp_path)}, cache_dir)
+    tok = load_tokenizer({"name": "bare", "path": str(tmp_path)}, cache_dir)
     assert tok.chat_template == CHATML_TEMPLATE
     text = tok.apply_chat_template([{"role": "user", "content": "2+2"}], tokenize=False)
     assert text == "<|im_start|>user\n2+2<|im_end|>\n"
     mine = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert (
-        load_tokenizer({"path": str(tmp_path), "chat_template": mine}, cache_dir).chat_template
+        load_tokenizer(
+            {"name": "bare", "path": str(tmp_path), "chat_template": mine}, cache_dir
+        ).chat_template
         == mine
     )

@@ -329,20 +329,20 @@ def test_bad_labels_are_named():
             "objective.divergence='kl' is not one of: forward_kl, reverse_kl, jsd",
         ),
         ("distill_on", "kept", "objective.distill_on='kept' is not one of: unselected, all"),
-        ("mask_ratio", 1.0, "objective.mask_ratio=1.0 must be a number in [0, 1)"),
-        ("mask_ratio", -0.1, "objective.mask_ratio=-0.1 must be a number in [0, 1)"),
-        ("mask_ratio", "0.5", "objective.mask_ratio='0.5' must be a number in [0, 1)"),
-        ("distill_weight", -1, "objective.distill_weight=-1 must be a number >= 0"),
-        ("temperature", 0, "objective.temperature=0 must be a number > 0"),
-        ("jsd_beta", 1.0, "objective.jsd_beta=1.0 must be a number in (0, 1)"),
-        ("jsd_beta", 0, "objective.jsd_beta=0 must be a number in (0, 1)"),
-        ("invert", "yes", "objective.invert='yes' must be a bool"),
-        ("chunk_size", -1, "objective.chunk_size=-1 must be an int >= 0 or null"),
-        ("chunk_size", 1.5, "objective.chunk_size=1.5 must be an int >= 0 or null"),
-        ("scope_size", 0, "objective.scope_size=0 must be an int >= 1 or null"),
+        ("mask_ratio", 1.0, "objective.mask_ratio=1.0 is not a finite number in [0, 1)"),
+        ("mask_ratio", -0.1, "objective.mask_ratio=-0.1 is not a finite number in [0, 1)"),
+        ("mask_ratio", "0.5", "objective.mask_ratio='0.5' is not a finite number in [0, 1)"),
+        ("distill_weight", -1, "objective.distill_weight=-1 is not a finite number >= 0"),
+        ("temperature", 0, "objective.temperature=0 is not a finite number > 0"),
+        ("jsd_beta", 1.0, "objective.jsd_beta=1.0 is not a finite number in (0, 1)"),
+        ("jsd_beta", 0, "objective.jsd_beta=0 is not a finite number in (0, 1)"),
+        ("invert", "yes", "objective.invert='yes' is not true or false"),
+        ("chunk_size", -1, "objective.chunk_size=-1 is not an integer >= 0 (or null)"),
+        ("chunk_size", 1.5, "objective.chunk_size=1.5 is not an integer >= 0 (or null)"),
+        ("scope_size", 0, "objective.scope_size=0 is not an integer >= 1 (or null)"),
         ("scope_size", 4, "objective.scope_size=4 only applies to objective.scope=batch"),
-        ("mask_ratio", True, "objective.mask_ratio=True must be a number"),
-        ("colour", 1, "objective has unknown key(s) colour"),
+        ("mask_ratio", True, "objective.mask_ratio=True is not a finite number"),
+        ("colour", 1, "objective.colour is not a known option; known: name, mask_ratio"),
     ],
 )
 def test_validation_errors(key, value, message):
@@ -357,7 +357,7 @@ def test_validation_accepts_the_config_tree():
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "objective"
     base = OmegaConf.load(conf / "base.yaml")
-    for path in sorted(conf.glob("*.yaml")):
+    for path in sorted(set(conf.glob("*.yaml")) - {conf / "base.yaml"}):
         variant = OmegaConf.load(path)
         variant.pop("defaults", None)
         validate_objective(OmegaConf.merge(base, variant))

@@ -12,8 +12,9 @@ import torch
 from helpers import TINY, metric_rows, train
 
 from uapt.batches import BatchStream, first_fit, partition
-from uapt.config import ConfigError
-from uapt.models import check_packing, logits, use_rows_attention
+from uapt.models import logits
+from uapt.packing import check_packing, use_rows_attention
+from uapt.schema import ConfigError
 
 
 def _rows_of_very_different_lengths(vocab: int) -> dict[str, torch.Tensor]:

@@ -230,7 +230,7 @@ def test_a_grid_computes_the_teacher_once_and_matches_the_live_teacher(tmp_path)
     ("override", "message"),
     [
         ("objective.teacher=frozen", "objective.teacher='frozen' is not one of: live, cached"),
-        ("objective.teacher_topk=0", "objective.teacher_topk=0 must be an int >= 1"),
+        ("objective.teacher_topk=0", "objective.teacher_topk=0 is not an integer >= 1"),
     ],
 )
 def test_bad_teacher_options_are_named(tmp_path, override, message):

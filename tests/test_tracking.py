@@ -14,7 +14,7 @@ from helpers import REPO, TINY, env, records, run_cli, train
 from wandb_records import BLOCK, FIRST, LAST, MIDDLE, OfflineRun, chunks, offline_run_file, read_run
 
 from uapt.evaluation import result_rows
-from uapt.table import build_table, grid, load_experiment, load_runs
+from uapt.table import build_table, grid, load_runs, load_table_spec
 from uapt.table.render import _md_escape
 from uapt.tracking import log_eval_results, one_line, tags
 from uapt.wandb_report import (
@@ -227,7 +227,7 @@ def test_table_run_holds_the_terminal_tables_cells_notes_and_plots(study, tmp_pa
         "uapt.table", str(experiment), "--runs", str(study), "--wandb", "--format", "markdown",
         check=True,
     )  # fmt: skip
-    exp = load_experiment(experiment)
+    exp = load_table_spec(experiment)
     runs, problems = load_runs([study])
     assert problems == []  # <runs>/wandb, W&B's own folder, is not taken for a run
     table = build_table(exp, runs, problems)
@@ -281,7 +281,7 @@ def test_table_run_holds_the_terminal_tables_cells_notes_and_plots(study, tmp_pa
 def test_demo_workspace_has_its_sections_panels_filter_and_grouping(tmp_path):
     import wandb_workspaces.reports.v2 as wr
 
-    exp = load_experiment(REPO / "experiments" / "demo.yaml")
+    exp = load_table_spec(REPO / "experiments" / "demo.yaml")
     target = study_target(exp, [], tmp_path)  # no runs: the file's experiment, the default project
     assert (target.group, target.project, target.entity) == ("demo", "uapt", None)
     workspace = build_workspace(exp, target)

@@ -23,7 +23,9 @@ def test_out_of_range_value_names_key_and_range(home, bin_dir, env):
     # The default model (SmolLM2) is never loaded: the check comes first, so this takes seconds.
     seen = sh([bin_dir / "uapt-train", "objective.mask_ratio=1.5"], home, env, timeout=120)
     assert seen.rc == 2, seen
-    assert "bad configuration: objective.mask_ratio=1.5 must be a number in [0, 1)" in seen.text
+    assert (
+        "bad configuration: objective.mask_ratio=1.5 is not a finite number in [0, 1)" in seen.text
+    )
     assert "Traceback" not in seen.text
     _nothing_written(home)
 

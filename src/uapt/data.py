@@ -7,6 +7,9 @@ cover the content of every assistant turn plus the end-of-turn marker that close
 ``<|im_end|>``), found by rendering prefixes of the conversation, so any template works.
 Tokenised splits are cached under ``<cache_dir>/datasets/`` by a hash of their content.
 See docs/data.md for the rules (truncation, skipping, splitting, caching).
+
+Why this size: one pipeline read top to bottom in the order a row flows through it (config,
+rows, messages, labels, cache, collate); each section is short and used by the next one only.
 """
 
 from __future__ import annotations
@@ -18,16 +21,26 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from uapt import files
-from uapt.config import TEXT, ConfigError, check_section, number, one_of, optional
 from uapt.errors import UserError
+from uapt.schema import (
+    STRING,
+    TEXT,
+    ConfigError,
+    Section,
+    number,
+    one_of,
+    option,
+    optional,
+    satisfies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +65,6 @@ ROLES = {
     "bard": "assistant",
 }
 
-DEFAULTS: dict[str, Any] = {
-    "subset": None,
-    "split": "train",
-    "data_files": None,
-    "prompt_field": "question",
-    "response_field": "answer",
-    "conversations_field": "conversations",
-    "max_samples": None,
-    "shuffle_seed": None,
-    "val_size": 0,
-    "max_length": 1024,
-    "system_prompt": None,
-    "num_train": None,
-}
-REQUIRED = ("name", "source", "format")
-
 
 def _val_size_ok(v: Any) -> bool:
     if isinstance(v, bool):
@@ -75,25 +72,8 @@ def _val_size_ok(v: Any) -> bool:
     return (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1)
 
 
-SCHEMA = {
-    "name": TEXT,
-    "source": TEXT,
-    "subset": optional(TEXT),
-    "split": TEXT,
-    "data_files": optional(
-        ((lambda v: isinstance(v, str | list | Mapping)), "a file name, list or mapping")
-    ),
-    "format": one_of(*FORMATS),
-    "prompt_field": TEXT,
-    "response_field": TEXT,
-    "conversations_field": TEXT,
-    "max_samples": optional(number(1, integer=True)),
-    "shuffle_seed": optional(number(integer=True)),
-    "val_size": (_val_size_ok, "an integer >= 0 (rows) or a fraction in [0, 1)"),
-    "max_length": number(2, integer=True),
-    "system_prompt": optional(((lambda v: isinstance(v, str)), "a string")),
-    "num_train": optional(number(1, integer=True)),
-}
+def _data_files_ok(v: Any) -> bool:
+    return isinstance(v, str | list | tuple | Mapping)
 
 
 class DataError(UserError):
@@ -101,31 +81,52 @@ class DataError(UserError):
 
 
 # ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class DatasetConfig(Section):
+    """`dataset.*`, checked (conf/dataset/base.yaml says what each key does)."""
+
+    SECTION: ClassVar[str] = "dataset"
+    DEFAULTS: ClassVar[str] = "dataset/base.yaml"
+
+    name: str = option(TEXT)
+    source: str = option(TEXT)
+    subset: str | None = option(optional(TEXT))
+    split: str = option(TEXT)
+    data_files: Any = option(optional(satisfies(_data_files_ok, "a file name, list or mapping")))
+    format: str = option(one_of(*FORMATS))
+    prompt_field: str = option(TEXT)
+    response_field: str = option(TEXT)
+    conversations_field: str = option(TEXT)
+    system_prompt: str | None = option(optional(STRING))
+    max_samples: int | None = option(optional(number(1, integer=True)))
+    shuffle_seed: int | None = option(optional(number(integer=True)))
+    val_size: int | float = option(
+        satisfies(_val_size_ok, "an integer >= 0 (rows) or a fraction in [0, 1)")
+    )
+    max_length: int = option(number(2, integer=True))
+    num_train: int | None = option(optional(number(1, integer=True)))
+
+    def check(self, where: str) -> None:
+        if self.source == SYNTHETIC:
+            if self.num_train is None:
+                raise ConfigError("dataset.num_train is required when dataset.source=synthetic")
+            if self.format != "qa":
+                raise ConfigError(
+                    f"dataset.format={self.format!r}: source=synthetic yields qa rows"
+                )
+        elif self.num_train is not None:
+            raise ConfigError("dataset.num_train only applies to dataset.source=synthetic (arith)")
+        elif _is_local(self.source):
+            _check_local(self.source)
+
+
 def validate_dataset(node: Mapping[str, Any]) -> None:
     """Raise ConfigError naming the first bad `dataset.*` key."""
     _config(node)
 
 
-def _config(node: Mapping[str, Any]) -> dict[str, Any]:
-    """The dataset config with defaults filled in, validated."""
-    if isinstance(node, DictConfig):  # accept Hydra's node as well as a plain dict
-        node = OmegaConf.to_container(node, resolve=True)
-    cfg = {**DEFAULTS, **dict(node)}
-    for key in REQUIRED:
-        if cfg.get(key) is None:
-            raise ConfigError(f"dataset.{key} is required")
-    check_section("dataset", cfg, SCHEMA)
-    source = cfg["source"]
-    if source == SYNTHETIC:
-        if cfg["num_train"] is None:
-            raise ConfigError("dataset.num_train is required when dataset.source=synthetic")
-        if cfg["format"] != "qa":
-            raise ConfigError(f"dataset.format={cfg['format']!r}: source=synthetic yields qa rows")
-    elif cfg["num_train"] is not None:
-        raise ConfigError("dataset.num_train only applies to dataset.source=synthetic (arith)")
-    elif _is_local(source):
-        _check_local(source)
-    return cfg
+def _config(node: Mapping[str, Any] | DatasetConfig) -> DatasetConfig:
+    return DatasetConfig.parse(node)
 
 
 def _is_local(source: str) -> bool:
@@ -146,9 +147,9 @@ def _check_local(source: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- rows
-def _read_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+def _read_rows(cfg: DatasetConfig) -> Iterator[tuple[str, Any]]:
     """(where, row) pairs; `where` names the file and line/row for error messages."""
-    source = cfg["source"]
+    source = cfg.source
     if source == SYNTHETIC:
         yield from _synthetic_rows(cfg)
     elif _is_local(source):
@@ -157,11 +158,11 @@ def _read_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         yield from _hub_rows(cfg)
 
 
-def _synthetic_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+def _synthetic_rows(cfg: DatasetConfig) -> Iterator[tuple[str, Any]]:
     from uapt.arith import arith_rows
 
-    n_val = _val_count(cfg["val_size"], cfg["num_train"])  # a fraction is of num_train here
-    for i, row in enumerate(arith_rows(cfg["num_train"] + n_val, ARITH_SEED, "train")):
+    n_val = _val_count(cfg.val_size, cfg.num_train)  # a fraction is of num_train here
+    for i, row in enumerate(arith_rows(cfg.num_train + n_val, ARITH_SEED, "train")):
         yield f"synthetic arith row {i}", row
 
 
@@ -207,11 +208,11 @@ def _local_rows(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path} row {i}", row
 
 
-def _hub_rows(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+def _hub_rows(cfg: DatasetConfig) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    source, subset, split = cfg["source"], cfg["subset"], cfg["split"]
-    data_files = cfg["data_files"]
+    source, subset, split = cfg.source, cfg.subset, cfg.split
+    data_files = cfg.data_files
     try:
         rows = datasets.load_dataset(source, subset, split=split, data_files=data_files)
     except Exception as e:  # offline, unknown id, bad subset/split: say which key led there
@@ -239,13 +240,13 @@ def _field(row: Any, key: str, where: str, option: str | None = None) -> str:
     return value
 
 
-def _qa(row: Any, cfg: Mapping[str, Any], where: str) -> Messages:
-    prompt = _field(row, cfg["prompt_field"], where, "prompt_field")
-    response = _field(row, cfg["response_field"], where, "response_field")
+def _qa(row: Any, cfg: DatasetConfig, where: str) -> Messages:
+    prompt = _field(row, cfg.prompt_field, where, "prompt_field")
+    response = _field(row, cfg.response_field, where, "response_field")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def _alpaca(row: Any, cfg: Mapping[str, Any], where: str) -> Messages:
+def _alpaca(row: Any, cfg: DatasetConfig, where: str) -> Messages:
     """User content = instruction, plus a blank line and the input when the input is not blank."""
     instruction = _field(row, "instruction", where)
     has_input = isinstance(row, Mapping) and row.get("input") is not None
@@ -256,8 +257,8 @@ def _alpaca(row: Any, cfg: Mapping[str, Any], where: str) -> Messages:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
 
 
-def _sharegpt(row: Any, cfg: Mapping[str, Any], where: str) -> Messages:
-    key = cfg["conversations_field"]
+def _sharegpt(row: Any, cfg: DatasetConfig, where: str) -> Messages:
+    key = cfg.conversations_field
     if not isinstance(row, Mapping) or key not in row:
         keys = ", ".join(row) if isinstance(row, Mapping) else type(row).__name__
         raise DataError(
@@ -310,27 +311,27 @@ def _finish(messages: Messages, system_prompt: str | None) -> Messages:
     return messages
 
 
-def _conversations(cfg: Mapping[str, Any], seed: int) -> tuple[list[Messages], Counter]:
+def _conversations(cfg: DatasetConfig, seed: int) -> tuple[list[Messages], Counter]:
     """All usable conversations, shuffled, capped at max_samples; plus the skip counts."""
-    convert = CONVERTERS[cfg["format"]]
+    convert = CONVERTERS[cfg.format]
     kept: list[Messages] = []
     skipped: Counter = Counter()
     for where, row in _read_rows(cfg):
-        messages = _finish(convert(row, cfg, where), cfg["system_prompt"])
+        messages = _finish(convert(row, cfg, where), cfg.system_prompt)
         problem = _problem(messages)
         if problem:
             skipped[problem] += 1
             log.debug("%s: skipped (%s)", where, problem)
         else:
             kept.append(messages)
-    order_seed = seed if cfg["shuffle_seed"] is None else cfg["shuffle_seed"]
+    order_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
     random.Random(order_seed).shuffle(kept)
-    if cfg["max_samples"] is not None:
-        kept = kept[: cfg["max_samples"]]
+    if cfg.max_samples is not None:
+        kept = kept[: cfg.max_samples]
     return kept, skipped
 
 
-def load_conversations(data_cfg: Mapping[str, Any], seed: int) -> list[Messages]:
+def load_conversations(data_cfg: DatasetConfig, seed: int) -> list[Messages]:
     """Read the source and map rows to chat messages: [[{role, content}, ...], ...].
 
     Unusable rows (empty response, no assistant turn, ...) are dropped and logged; the order is
@@ -545,7 +546,7 @@ def _cached_splits(
 
 
 def build_datasets(
-    data_cfg: Mapping[str, Any], tokenizer: Any, seed: int, cache_dir: str | Path | None
+    data_cfg: DatasetConfig, tokenizer: Any, seed: int, cache_dir: str | Path | None
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(train, val, stats): HF datasets with input_ids and labels (-100 off assistant tokens).
 
@@ -555,11 +556,11 @@ def build_datasets(
     cfg = _config(data_cfg)
     conversations, skipped = _conversations(cfg, seed)
     # arith generates num_train rows plus the held-out ones; elsewhere a fraction is of all rows
-    n_val = _val_count(cfg["val_size"], cfg["num_train"] or len(conversations))
+    n_val = _val_count(cfg.val_size, cfg.num_train or len(conversations))
     if conversations and n_val >= len(conversations):
         raise ConfigError(
-            f"dataset.val_size={cfg['val_size']!r} holds out {n_val} of {len(conversations)} "
-            f"conversations from {cfg['source']}, leaving none to train on"
+            f"dataset.val_size={cfg.val_size!r} holds out {n_val} of {len(conversations)} "
+            f"conversations from {cfg.source}, leaving none to train on"
         )
     splits = {"train": conversations[n_val:], "val": conversations[:n_val]}
     folder = None
@@ -568,13 +569,13 @@ def build_datasets(
             {
                 "recipe": LABEL_RECIPE,
                 "format": CACHE_FORMAT,
-                "max_length": cfg["max_length"],
+                "max_length": cfg.max_length,
                 "tokenizer": tokenizer_fingerprint(tokenizer),
                 "content": _content_hash(splits),
             }
         )
-        folder = Path(cache_dir).expanduser() / "datasets" / f"{cfg['name']}-{key}"
-    dsets, counts = _cached_splits(folder, splits, tokenizer, cfg["max_length"])
+        folder = Path(cache_dir).expanduser() / "datasets" / f"{cfg.name}-{key}"
+    dsets, counts = _cached_splits(folder, splits, tokenizer, cfg.max_length)
     truncated = counts.pop("truncated", 0)
     if counts.pop("no_end_marker", 0):
         log.warning(
@@ -591,16 +592,16 @@ def build_datasets(
     _log_skipped(cfg, skipped)
     if stats["train"] == 0:
         raise DataError(
-            f"dataset.source={cfg['source']!r}: no training sample left after filtering "
-            f"(skipped: {dict(skipped) or 'none'}; dataset.max_length={cfg['max_length']})"
+            f"dataset.source={cfg.source!r}: no training sample left after filtering "
+            f"(skipped: {dict(skipped) or 'none'}; dataset.max_length={cfg.max_length})"
         )
     log.info(
         "data %s: %d train, %d val, %d truncated to %d tokens",
-        cfg["name"],
+        cfg.name,
         stats["train"],
         stats["val"],
         truncated,
-        cfg["max_length"],
+        cfg.max_length,
     )
     return dsets["train"], dsets["val"], stats
 
@@ -612,10 +613,10 @@ def _content_hash(splits: Mapping[str, Sequence[Messages]]) -> str:
     return h.hexdigest()
 
 
-def _log_skipped(cfg: Mapping[str, Any], skipped: Mapping[str, int]) -> None:
+def _log_skipped(cfg: DatasetConfig, skipped: Mapping[str, int]) -> None:
     if any(skipped.values()):
         detail = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()) if v)
-        log.warning("data %s: skipped samples (%s)", cfg["name"], detail)
+        log.warning("data %s: skipped samples (%s)", cfg.name, detail)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -372,7 +372,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
     def failed(self, overrides: list[str], idx: int, error: str) -> JobReturn:
         """A failed outcome for a grid point whose job left none; the sweep summary counts it."""
-        from uapt.records import write_json_atomic
+        from uapt.files import write_json
         from uapt.sweeps import outcome_path
 
         assert self.config is not None
@@ -380,7 +380,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         log.error("grid point #%d failed: %s", idx, error)
         target = outcome_path(self.config.hydra.sweep.dir, idx)
         if not target.exists():  # the job's own outcome, if it wrote one, says more
-            write_json_atomic(target, outcome)
+            write_json(target, outcome)
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=outcome)
 
     def identity(self, overrides: list[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,7 @@ from uapt import (
 from uapt.batches import BatchStream, select_global, to_device
 from uapt.data import collate
 from uapt.launch import preempt_signal
-from uapt.models import (
-    hidden_states,
-)
+from uapt.models import hidden_states, unwrap_ddp
 from uapt.models import logits as model_logits
 from uapt.objectives import (
     Counts,
@@ -48,15 +46,83 @@ from uapt.objectives import (
     TokenLoss,
     kept_overlap,
     output_head,
-    parse_objective,
     token_loss,
     token_loss_chunked,
     token_scores,
     token_scores_chunked,
 )
+from uapt.schema import (
+    BOOL,
+    ConfigError,
+    Section,
+    is_number,
+    number,
+    one_of,
+    option,
+    optional,
+    satisfies,
+)
 from uapt.tracking import Tracker
 
 log = logging.getLogger("uapt")
+
+
+def _device_ok(v: Any) -> bool:
+    return v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:")
+
+
+def _betas_ok(v: Any) -> bool:
+    return len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)
+
+
+@dataclass(frozen=True)
+class TrainerConfig(Section):
+    """`trainer.*`, checked (conf/trainer/default.yaml says what each key does)."""
+
+    SECTION: ClassVar[str] = "trainer"
+    DEFAULTS: ClassVar[str] = "trainer/default.yaml"
+
+    max_steps: int = option(number(1, integer=True))
+    batch_size: int = option(number(1, integer=True))
+    micro_batch_size: int = option(number(1, integer=True))
+    lr: float = option(number(0, lo_open=True))
+    weight_decay: float = option(number(0))
+    betas: tuple[float, float] = option(satisfies(_betas_ok, "two numbers in [0, 1)"))
+    warmup_steps: int = option(number(0, integer=True))
+    min_lr_ratio: float = option(number(0, 1))
+    grad_clip: float = option(number(0))
+    precision: str = option(one_of("fp32", "bf16"))
+    device: str = option(satisfies(_device_ok, "auto, cpu, cuda or cuda:N"))
+    log_every: int = option(number(1, integer=True))
+    eval_every: int = option(number(0, integer=True))
+    val_batches: int | None = option(optional(number(1, integer=True)))
+    deterministic: bool = option(BOOL)
+    checkpoint_every: int = option(number(0, integer=True))
+    keep_checkpoints: int = option(number(1, integer=True))
+    save_model: bool = option(BOOL)
+    nproc: int = option(number(1, integer=True))
+    fsdp: bool = option(BOOL)
+    packing: bool = option(BOOL)
+    max_tokens_per_micro_batch: int | None = option(optional(number(1, integer=True)))
+    compile: str | bool = option(one_of("auto", True, False))
+
+    def check(self, where: str) -> None:
+        accumulation_steps(self, 1)  # the global batch splits into whole micro-batches
+
+    def accumulation(self, world_size: int) -> int:
+        return accumulation_steps(self, world_size)
+
+
+def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
+    """Micro-batches per step on each of `world_size` ranks (ConfigError when they do not
+    divide the global batch)."""
+    per_step = trainer.micro_batch_size * world_size
+    if trainer.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} must be a multiple of "
+            f"trainer.micro_batch_size x ranks = {per_step}"
+        )
+    return trainer.batch_size // per_step
 
 
 def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:
@@ -67,9 +133,9 @@ def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Ite
         )
 
 
-def lr_lambda(trainer: Mapping[str, Any]):
+def lr_lambda(trainer: TrainerConfig):
     """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps."""
-    warmup, total, floor = trainer["warmup_steps"], trainer["max_steps"], trainer["min_lr_ratio"]
+    warmup, total, floor = trainer.warmup_steps, trainer.max_steps, trainer.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -80,14 +146,14 @@ def lr_lambda(trainer: Mapping[str, Any]):
     return factor
 
 
-def make_optimizer(model: torch.nn.Module, trainer: Mapping[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, trainer: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (norm gains and biases are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": trainer["weight_decay"]},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": trainer.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=trainer["lr"], betas=tuple(trainer["betas"]))
+    return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas))
 
 
 def _teacher_inputs(teacher, batch, objective: ObjectiveSpec, kept) -> tuple[Any, Any]:
@@ -190,11 +256,11 @@ def forward_scores(
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, device) -> float:
+def validation_loss(model, dataset, trainer: TrainerConfig, pad_id: int, device) -> float:
     """Token-mean NLL of the assistant tokens of the validation split (objective-independent)."""
     model.eval()
     total, count = 0.0, 0
-    for batch in eval_batches(dataset, trainer["micro_batch_size"], pad_id, trainer["val_batches"]):
+    for batch in eval_batches(dataset, trainer.micro_batch_size, pad_id, trainer.val_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
@@ -206,7 +272,9 @@ def validation_loss(model, dataset, trainer: Mapping[str, Any], pad_id: int, dev
 
 @dataclass
 class Trainer:
-    cfg: Mapping[str, Any]
+    trainer: TrainerConfig
+    objective: ObjectiveSpec
+    seed: int  # the run's seed: selection noise of the curriculum probe
     model: torch.nn.Module  # what runs forward: the model (sharded under FSDP) or its DDP wrapper
     teacher: torch.nn.Module | teacher_cache.TeacherCache | None
     stream: BatchStream
@@ -214,27 +282,22 @@ class Trainer:
     world: distributed.World = field(default_factory=distributed.World)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
-    objective: ObjectiveSpec = field(init=False)
     step: int = 0
     probe: list[dict[str, Any]] = field(default_factory=list)  # fixed rows: the curriculum probe
     val_set: Any = None  # held-out rows: validation loss every trainer.eval_every steps
     probe_kept: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.objective = parse_objective(self.cfg["objective"])
-        self.optimizer = make_optimizer(self.model, self.cfg["trainer"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.cfg["trainer"])
-        )
+        self.optimizer = make_optimizer(self.model, self.trainer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.trainer))
 
     @property
     def bare(self) -> torch.nn.Module:
         """The model without its DDP wrapper (its output layer feeds the chunked loss)."""
-        ddp = torch.nn.parallel.DistributedDataParallel
-        return self.model.module if isinstance(self.model, ddp) else self.model
+        return unwrap_ddp(self.model)
 
     def autocast(self):
-        if self.cfg["trainer"]["precision"] != "bf16":
+        if self.trainer.precision != "bf16":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -242,7 +305,7 @@ class Trainer:
         """Selection scores of a micro-batch, for selections over more rows than it holds."""
         with self.autocast():
             return forward_scores(
-                self.bare, self.teacher, batch, self.objective, self.cfg["trainer"]["packing"]
+                self.bare, self.teacher, batch, self.objective, self.trainer.packing
             )
 
     def train_step(self) -> dict[str, float]:
@@ -261,7 +324,7 @@ class Trainer:
                     self.bare,
                     kept=plan.kept[micro],
                     counts=plan.counts,
-                    packed=self.cfg["trainer"]["packing"],
+                    packed=self.trainer.packing,
                 )
                 # out.total is this micro-batch's share of the global batch's token means: the
                 # shares of all micro-batches and ranks sum to the step's loss. DDP and FSDP
@@ -269,8 +332,8 @@ class Trainer:
                 (out.total * self.world.world_size).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
-            computed += tokens_computed(batch, self.cfg["trainer"]["packing"])
-        clip = self.cfg["trainer"]["grad_clip"] or float("inf")
+            computed += tokens_computed(batch, self.trainer.packing)
+        clip = self.trainer.grad_clip or float("inf")
         grad_norm = fsdp.clip_grad_norm_(self.model.parameters(), clip)  # DTensor grads too
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -307,7 +370,7 @@ class Trainer:
             to_device(collate([self.probe[j] for j in idx], self.stream.pad_id), self.device)
             for idx in own
         ]
-        noise_key = lambda j: (self.cfg["seed"], "probe", j)  # noqa: E731
+        noise_key = lambda j: (self.seed, "probe", j)  # noqa: E731
         kept = select_global(
             self.probe,
             own,
@@ -409,10 +472,10 @@ def run_loop(
     lock: run_lock.RunLock | None = None,
 ) -> None:
     """Step until max_steps: log, checkpoint, and stop cleanly on a signal."""
-    trainer_cfg = loop.cfg["trainer"]
-    every, last_saved = trainer_cfg["checkpoint_every"], checkpoint.latest(checkpoints)
+    trainer = loop.trainer
+    every, last_saved = trainer.checkpoint_every, checkpoint.latest(checkpoints)
     bar = tqdm(
-        total=trainer_cfg["max_steps"],
+        total=trainer.max_steps,
         initial=loop.step,
         desc="train",
         unit="step",
@@ -420,7 +483,7 @@ def run_loop(
         disable=not loop.world.is_main,
     )
     with StopSignals() as stop:
-        while loop.step < trainer_cfg["max_steps"]:
+        while loop.step < trainer.max_steps:
             if lock:
                 lock.check()
             row = loop.train_step()
@@ -430,11 +493,11 @@ def run_loop(
                     f"non-finite loss ({row['loss']}) at step {loop.step}; "
                     f"last good checkpoint: {last_saved or 'none'}"
                 )
-            if loop.step % trainer_cfg["log_every"] == 0 or loop.step == trainer_cfg["max_steps"]:
+            if loop.step % trainer.log_every == 0 or loop.step == trainer.max_steps:
                 row = log_step(loop, row, tracker)
                 metrics.update({f"train/{k}": v for k, v in row.items()})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
-            due = every and loop.step % every == 0 and loop.step < trainer_cfg["max_steps"]
+            due = every and loop.step % every == 0 and loop.step < trainer.max_steps
             if due or stop.received:
                 last_saved = save_checkpoint(loop, loop.bare, checkpoints, metrics) or last_saved
             if stop.received:
@@ -444,10 +507,10 @@ def run_loop(
 
 def log_step(loop: Trainer, row: dict[str, Any], tracker: Tracker | None) -> dict:
     row["kept_overlap"] = loop.probe_overlap()
-    every = loop.cfg["trainer"]["eval_every"]
-    if every and loop.step % every == 0 and loop.step < loop.cfg["trainer"]["max_steps"]:
+    every = loop.trainer.eval_every
+    if every and loop.step % every == 0 and loop.step < loop.trainer.max_steps:
         row["val/loss"] = validation_loss(
-            loop.model, loop.val_set, loop.cfg["trainer"], loop.stream.pad_id, loop.device
+            loop.model, loop.val_set, loop.trainer, loop.stream.pad_id, loop.device
         )
     row = {k: v for k, v in row.items() if v is not None}
     if tracker:
@@ -470,7 +533,7 @@ def save_checkpoint(
             loop.optimizer,
             loop.scheduler,
             state,
-            loop.cfg["trainer"]["keep_checkpoints"],
+            loop.trainer.keep_checkpoints,
             *full,
         )
     distributed.barrier(loop.world)

@@ -12,20 +12,32 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from uapt import files
-from uapt.config import ConfigError
 from uapt.errors import UserError
+from uapt.schema import (
+    BOOL,
+    MAPPING,
+    TEXT,
+    ConfigError,
+    Section,
+    interval,
+    number,
+    one_of,
+    option,
+    optional,
+    satisfies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +52,6 @@ TINY_RECIPE = "bytelevel-bpe-v1"  # bump when the tiny tokenizer's training chan
 
 ARCHITECTURES = {"llama": "llama", "gemma2": "gemma2", "phi3": "phi3"}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "auto")  # auto: transformers' choice (sdpa if supported)
-LORA_DEFAULTS: dict[str, Any] = {
-    "enabled": False,
-    "r": 16,
-    "alpha": 32,
-    "dropout": 0.0,
-    "target_modules": "all-linear",
-}
 FINGERPRINT_IGNORES = ("name", "lora")  # a fresh LoRA adapter is the identity: same initial model
 
 
@@ -100,20 +105,21 @@ def _train_tiny_tokenizer(folder: Path) -> None:
         fast.save_pretrained(tmp)
 
 
-def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    model: ModelConfig | Mapping[str, Any], cache_dir: str | Path
+) -> PreTrainedTokenizerBase:
     """`model.tokenizer` (or `model.path`); `tiny`/none = uapt's tiny BPE; ChatML if no template."""
-    source = model_cfg.get("tokenizer") or model_cfg.get("path")
+    model = ModelConfig.parse(model)
+    source = model.tokenizer or model.path
     if source in (None, "tiny"):
         tok = tiny_tokenizer(cache_dir)
     else:
-        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.path"
-        source = resolve_source(str(source), cache_dir, model_cfg.get("source", "auto"))
+        key = "model.tokenizer" if model.tokenizer else "model.path"
+        source = resolve_source(str(source), cache_dir, model.source)
         with _named_source(key, source):
-            tok = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
-            )
-    if model_cfg.get("chat_template"):
-        tok.chat_template = model_cfg["chat_template"]
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+    if model.chat_template:
+        tok.chat_template = model.chat_template
     elif not tok.chat_template:
         log.info("tokenizer %s has no chat template; using uapt's default ChatML template", source)
         tok.chat_template = CHATML_TEMPLATE
@@ -144,56 +150,9 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def attn_implementation(model_cfg: Mapping[str, Any]) -> str | None:
+def attn_implementation(model: ModelConfig) -> str | None:
     """What to pass to transformers: eager | sdpa, or None for `auto` (transformers' default)."""
-    attn = model_cfg.get("attn_implementation") or "sdpa"
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(
-            f"model.attn_implementation={attn!r} is not one of: {', '.join(ATTN_IMPLEMENTATIONS)}"
-        )
-    return None if attn == "auto" else attn
-
-
-def lora_settings(model_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The validated `model.lora` node (defaults filled in), or None when LoRA is off.
-
-    Raises ConfigError (a ValueError) naming `model.lora.<key>` for an unknown key or bad value.
-    """
-    node = model_cfg.get("lora")
-    if node is None:
-        return None
-    if not isinstance(node, Mapping):
-        raise ConfigError(f"model.lora={node!r} is not a mapping of LoRA options")
-    for key in node:
-        if key not in LORA_DEFAULTS:
-            raise ConfigError(
-                f"model.lora.{key} is not a known option; known: {', '.join(LORA_DEFAULTS)}"
-            )
-    lora = {**LORA_DEFAULTS, **node}
-    checks = {
-        "enabled": (isinstance(lora["enabled"], bool), "true or false"),
-        "r": (_is_int(lora["r"]) and lora["r"] >= 1, "an integer >= 1"),
-        "alpha": (_is_number(lora["alpha"]) and lora["alpha"] > 0, "a number > 0"),
-        "dropout": (_is_number(lora["dropout"]) and 0 <= lora["dropout"] < 1, "a number in [0, 1)"),
-        "target_modules": (
-            _targets_ok(lora["target_modules"]),
-            "'all-linear' or a non-empty list of module names",
-        ),
-    }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ConfigError(f"model.lora.{key}={lora[key]!r} is not {allowed}")
-    if not isinstance(lora["target_modules"], str):
-        lora["target_modules"] = list(lora["target_modules"])
-    return lora if lora["enabled"] else None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return None if model.attn_implementation == "auto" else model.attn_implementation
 
 
 def _targets_ok(v: Any) -> bool:
@@ -206,12 +165,52 @@ def _targets_ok(v: Any) -> bool:
     )
 
 
-def validate_model(model_cfg: Mapping[str, Any]) -> None:
-    """Checks the generic schema cannot make: LoRA options, attention of random-init Gemma-2."""
-    lora_settings(model_cfg)
-    attn = attn_implementation(model_cfg)
-    if not model_cfg.get("path") and model_cfg.get("arch") == "gemma2" and attn == "sdpa":
-        raise ConfigError(_no_sdpa_message("Gemma2ForCausalLM"))
+@dataclass(frozen=True)
+class LoraConfig(Section):
+    """`model.lora.*`: low-rank adapters instead of all weights (the teacher: adapters off)."""
+
+    SECTION: ClassVar[str] = "model.lora"
+    DEFAULTS: ClassVar[str] = "model/base.yaml"
+
+    enabled: bool = option(BOOL)
+    r: int = option(number(1, integer=True))
+    alpha: float = option(number(0, lo_open=True))
+    dropout: float = option(interval(0, 1, hi_open=True))
+    target_modules: str | tuple[str, ...] = option(
+        satisfies(_targets_ok, "'all-linear' or a non-empty list of module names")
+    )
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dict(super().defaults()["lora"])
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """`model.*`, checked (conf/model/base.yaml says what each key does)."""
+
+    SECTION: ClassVar[str] = "model"
+    DEFAULTS: ClassVar[str] = "model/base.yaml"
+
+    name: str = option(TEXT)
+    path: str | None = option(optional(TEXT))
+    tokenizer: str | None = option(optional(TEXT))
+    source: str = option(one_of("auto", "hub", "embedded"))
+    arch: str = option(one_of(*ARCHITECTURES))
+    config: Mapping[str, Any] | None = option(optional(MAPPING))
+    dtype: str = option(one_of("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = option(one_of(*ATTN_IMPLEMENTATIONS))
+    chat_template: str | None = option(optional(TEXT))
+    trust_remote_code: bool = option(BOOL)
+    lora: LoraConfig = option(section=LoraConfig)
+
+    def check(self, where: str) -> None:
+        for key in ("path", "tokenizer"):  # written as a path (./, /, ~): it must exist
+            value = str(getattr(self, key) or "")
+            if value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise ConfigError(f"model.{key}={value!r}: no such local folder")
+        if not self.path and self.arch == "gemma2" and self.attn_implementation == "sdpa":
+            raise ConfigError(_no_sdpa_message("Gemma2ForCausalLM"))
 
 
 def _no_sdpa_message(cls_name: str) -> str:
@@ -223,28 +222,27 @@ def _no_sdpa_message(cls_name: str) -> str:
 
 # ----------------------------------------------------------------------------- the student
 def load_model(
-    model_cfg: Mapping[str, Any],
+    model_cfg: ModelConfig | Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
     cache_dir: str | Path,
     device: torch.device,
 ) -> torch.nn.Module:
     """The student: pretrained weights from `model.path`, else `model.arch` with random init;
     wrapped with LoRA adapters (a peft PeftModel, only adapters trainable) when enabled."""
-    lora = lora_settings(model_cfg)  # fail on bad options before loading gigabytes
+    cfg = ModelConfig.parse(model_cfg)  # fail on bad options before loading gigabytes
     kwargs = {
-        "dtype": torch_dtype(model_cfg.get("dtype", "auto"), device),
-        "attn_implementation": attn_implementation(model_cfg),
+        "dtype": torch_dtype(cfg.dtype, device),
+        "attn_implementation": attn_implementation(cfg),
     }
-    if model_cfg.get("path"):
-        source = resolve_source(str(model_cfg["path"]), cache_dir, model_cfg.get("source", "auto"))
-        remote = bool(model_cfg.get("trust_remote_code", False))
+    if cfg.path:
+        source = resolve_source(cfg.path, cache_dir, cfg.source)
         with _named_source("model.path", source):
-            model = _from_pretrained(source, kwargs, remote, cache_dir)
+            model = _from_pretrained(source, kwargs, cfg.trust_remote_code, cache_dir)
     else:
-        config = random_init_config(model_cfg, tokenizer)
+        config = random_init_config(cfg, tokenizer)
         model = _checked_attn(lambda: AutoModelForCausalLM.from_config(config, **kwargs))
     model = model.to(device)
-    return apply_lora(model, lora) if lora else model
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
 
 
 class ModelSourceError(UserError):
@@ -302,15 +300,16 @@ def _merged_adapter(
     return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
 
 
-def apply_lora(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     """Wrap with peft LoRA; peft freezes everything but the adapters (all-linear skips lm_head)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    targets = lora["target_modules"]
-    config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
+    targets = lora.target_modules
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none",
         task_type="CAUSAL_LM",
@@ -321,17 +320,15 @@ def apply_lora(model: torch.nn.Module, lora: Mapping[str, Any]) -> torch.nn.Modu
         raise ConfigError(f"model.lora.target_modules={targets!r}: {e}") from None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    log.info("LoRA r=%d: %d of %d parameters trainable", lora["r"], trainable, total)
+    log.info("LoRA r=%d: %d of %d parameters trainable", lora.r, trainable, total)
     return peft_model
 
 
-def random_init_config(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase):
+def random_init_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     """The transformers config of `model.arch` with `model.config` overrides (vocab from the
     tokenizer unless overridden)."""
-    arch = model_cfg.get("arch", "llama")
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"model.arch={arch!r} is not one of: {', '.join(ARCHITECTURES)}")
-    overrides = dict(model_cfg.get("config") or {})
+    arch = model.arch
+    overrides = dict(model.config or {})
     overrides.setdefault("vocab_size", len(tokenizer))
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
@@ -400,15 +397,17 @@ class AdaptersOff(torch.nn.Module):
             return base(*args, **kwargs)
 
 
-def make_teacher(model: torch.nn.Module, model_cfg: Mapping[str, Any]) -> torch.nn.Module:
+def make_teacher(
+    model: torch.nn.Module, model_cfg: ModelConfig | Mapping[str, Any]
+) -> torch.nn.Module:
     """The frozen initial model for distillation / excess-loss selection.
 
     Full fine-tuning: a frozen deep copy (call before the first optimizer step). LoRA: the
     student with its adapters disabled (`AdaptersOff`), which stays the initial model however
     the adapters train, and costs no memory.
     """
-    student = model.module if isinstance(model, _DDP) else model
-    lora = lora_settings(model_cfg)
+    student = unwrap_ddp(model)
+    lora = ModelConfig.parse(model_cfg).lora.enabled
     if lora and not is_peft(student):
         raise ValueError("make_teacher: model.lora.enabled is true but the model has no adapters")
     return AdaptersOff(student) if is_peft(student) else frozen_teacher(student)
@@ -418,11 +417,16 @@ def make_teacher(model: torch.nn.Module, model_cfg: Mapping[str, Any]) -> torch.
 _DDP = torch.nn.parallel.DistributedDataParallel
 
 
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a DistributedDataParallel wrapper runs (the model itself when unwrapped)."""
+    return model.module if isinstance(model, _DDP) else model
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM under DDP, the teacher view and peft's wrappers."""
     while True:
         if isinstance(model, _DDP):
-            model = model.module
+            model = unwrap_ddp(model)
         elif isinstance(model, AdaptersOff):
             model = model.student
         elif is_peft(model):
@@ -547,103 +551,11 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-ROWS_ATTENTION = "uapt_rows"
-
-
-def rows_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA that runs a packed sequence row by row: causal attention within each row, none across.
-
-    transformers' own packed format builds a block-diagonal [N, N] mask, so attention costs as
-    if the whole packed sequence were one row (N^2, not sum T_i^2); without a varlen kernel (on
-    CPU) that eats the padding saved. A packed batch is [1, N] with position ids restarting at
-    0 at each row: each row gets torch's causal SDPA alone. Anything else (padded batches,
-    generation) is plain SDPA with the mask transformers built.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    positions = kwargs.pop("position_ids", None)
-    starts = None
-    if query.shape[0] == 1 and positions is not None and query.shape[2] == key.shape[2] > 1:
-        starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0 or len(starts) < 2:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, **kwargs
-        )
-    bounds = [*starts, query.shape[2]]
-    outputs = [
-        sdpa_attention_forward(
-            module,
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
-            None,
-            dropout,
-            scaling,
-            is_causal=True,
-            **kwargs,
-        )[0]
-        for a, b in itertools.pairwise(bounds)
-    ]
-    return torch.cat(outputs, dim=1), None  # [1, N, heads, head_dim], as sdpa returns it
-
-
-def use_rows_attention(model: torch.nn.Module) -> None:
-    """Packing on an SDPA model: attention row by row (rows_attention) instead of the N^2 mask."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    lm = causal_lm(model)
-    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
-        return  # eager (Gemma-2), flash-attention: transformers' own packed support
-    AttentionInterface.register(ROWS_ATTENTION, rows_attention)
-    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
-    lm.set_attn_implementation(ROWS_ATTENTION)
-
-
-def check_packing(model: torch.nn.Module, name: str, vocab: int) -> None:
-    """Refuse packing for a model that lets packed rows see each other: two short rows, packed
-    and alone, must give the same logits (ConfigError naming the model otherwise)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (2, 6), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            alone = logits(model, ids, mask).float()
-            together = logits(model, ids, mask, packed=True).float()
-    finally:
-        model.train(was_training)
-    keep = mask.bool()
-    err = (alone[keep] - together[keep]).abs().max().item()
-    scale = alone[keep].abs().max().item()
-    # the same rows through the same weights: only kernel rounding may differ (~1e-6 relative
-    # in fp32, ~1e-2 in bf16); a row that sees its neighbour moves logits by O(scale)
-    if not err <= 0.05 * max(scale, 1.0):
-        attn = getattr(causal_lm(model).config, "_attn_implementation", "?")
-        raise ConfigError(
-            f"trainer.packing=true: model {name} (attention {attn}) does not keep packed rows "
-            f"apart (logits move by {err:.3g}); set trainer.packing=false, or an attention "
-            "implementation that honours per-row position ids (model.attn_implementation=sdpa, "
-            "eager or flash_attention_2)"
-        )
-
-
 # ----------------------------------------------------------------------------- identity
-def model_fingerprint(model_cfg: Mapping[str, Any]) -> str:
+def model_fingerprint(model_cfg: ModelConfig | Mapping[str, Any]) -> str:
     """Identity of the *initial* model, for caching its base scores (the name and a fresh LoRA
     adapter, which starts as the identity, do not change it)."""
-    node = {k: v for k, v in dict(model_cfg).items() if k not in FINGERPRINT_IGNORES}
+    plain = ModelConfig.parse(model_cfg).as_dict()
+    node = {k: v for k, v in plain.items() if k not in FINGERPRINT_IGNORES}
     blob = json.dumps(node, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -32,6 +32,7 @@ RECORD = "run.json"
 PREVIOUS = "previous"
 FAILED_RECORD = "run.failed.json"  # the record of a forced attempt that failed
 FAILED_LOG = "train.failed.log"  # and its log
+COMPLETED = "already completed"  # why a claim was skipped: the run is done
 KEEP = {LOCK_NAME, PREVIOUS, FAILED_RECORD, FAILED_LOG}
 
 
@@ -70,7 +71,7 @@ def _decide(folder: Path, force: bool) -> Claim:
     if completed and not force:
         if lock:
             lock.release()
-        return Claim("already completed (force=true to train again)", None)
+        return Claim(COMPLETED, None)
     forced_over = completed and force
     if forced_over:
         keep_previous(folder)

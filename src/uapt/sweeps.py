@@ -67,8 +67,8 @@ class SweepsConfigSource(ConfigSource):
         return Path(self.path).is_dir()
 
     def is_group(self, config_path: str) -> bool:
-        if config_path == "":
-            return True  # the root holds the three groups
+        if config_path == "" or config_path in GROUPS:
+            return True  # the root holds the three groups, even one whose folder is empty
         where = self._where(config_path)
         return where is not None and where.is_dir()
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from uapt import files
 from uapt.data import collate
 from uapt.models import hidden_states
-from uapt.objectives import TeacherTopK, output_head, teacher_topk, valid_mask
+from uapt.objectives import ObjectiveSpec, TeacherTopK, output_head, teacher_topk, valid_mask
 
 log = logging.getLogger(__name__)
 FORMAT = "v1"  # bump when what a row file holds changes
@@ -183,13 +183,11 @@ def _split(top: TeacherTopK, counts: list[int]) -> list[TeacherTopK]:
 
 
 def open_cache(
-    model: torch.nn.Module, objective: Mapping[str, Any], cache_dir: str | Path
+    model: torch.nn.Module, objective: ObjectiveSpec, cache_dir: str | Path
 ) -> TeacherCache:
     """The cache of `model`'s current weights for this objective's k and temperature."""
     fingerprint = weights_fingerprint(model)
-    return TeacherCache(
-        cache_dir, fingerprint, int(objective["teacher_topk"]), float(objective["temperature"])
-    )
+    return TeacherCache(cache_dir, fingerprint, objective.teacher_topk, objective.temperature)
 
 
 def describe(teacher: Any) -> dict[str, Any] | None:

@@ -20,10 +20,12 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from uapt.records import run_summary
+from uapt.schema import TEXT, Section, one_of, option, optional, satisfies
 
 log = logging.getLogger(__name__)
 
@@ -93,33 +95,59 @@ def log_eval_results(wandb_run: Any, results: Mapping[str, Any]) -> None:
     )
 
 
+def _tags_ok(v: Any) -> bool:
+    return isinstance(v, list | tuple) and all(isinstance(t, str) for t in v)
+
+
+@dataclass(frozen=True)
+class LoggerConfig(Section):
+    """`logger.*`, checked (conf/logger/wandb.yaml says what each key does; `logger=none` sets
+    only the name)."""
+
+    SECTION: ClassVar[str] = "logger"
+    DEFAULTS: ClassVar[str] = "logger/wandb.yaml"
+
+    name: str = option(one_of("wandb", "none"))
+    mode: str = option(one_of("offline", "online", "disabled"))
+    project: str = option(TEXT)
+    entity: str | None = option(optional(TEXT))
+    group: str | None = option(optional(TEXT))
+    tags: tuple[str, ...] = option(satisfies(_tags_ok, "a list of strings"))
+    dir: str = option(TEXT)
+
+    @property
+    def wandb(self) -> bool:
+        return self.name == "wandb" and self.mode != "disabled"
+
+
 class Tracker:
     def __init__(self, run_dir: Path, cfg: Mapping[str, Any], run_id: str, slug: str):
+        """`cfg`: the run's plain config (its summary and the full config go to W&B)."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        logger = cfg["logger"]
-        if logger["name"] == "wandb" and logger.get("mode") != "disabled":
+        logger = LoggerConfig.parse(cfg["logger"])
+        if logger.wandb:
             self.wandb_run = self._init_wandb(logger, cfg, run_id, slug)
 
     @staticmethod
-    def _init_wandb(logger: Mapping[str, Any], cfg: Mapping[str, Any], run_id: str, slug: str):
+    def _init_wandb(logger: LoggerConfig, cfg: Mapping[str, Any], run_id: str, slug: str):
         summary = run_summary(cfg)
         try:
             import wandb
 
-            Path(logger["dir"]).expanduser().mkdir(parents=True, exist_ok=True)
+            Path(logger.dir).expanduser().mkdir(parents=True, exist_ok=True)
             run = wandb.init(
-                project=logger["project"],
-                entity=logger.get("entity"),
-                group=logger.get("group"),
+                project=logger.project,
+                entity=logger.entity,
+                group=logger.group,
                 job_type=cfg["objective"]["name"],
                 name=slug,
                 id=run_id,
                 resume="allow",
-                tags=tags(summary, logger.get("tags", [])),
+                tags=tags(summary, list(logger.tags)),
                 config={**summary, "run_id": run_id, "full": dict(cfg)},
-                dir=str(Path(logger["dir"]).expanduser()),
-                mode=logger["mode"],
+                dir=str(Path(logger.dir).expanduser()),
+                mode=logger.mode,
                 settings=wandb.Settings(console="off", silent=True),
             )
             define_metrics(run)

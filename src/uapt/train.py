@@ -38,29 +38,28 @@ from uapt import (
     tune,
 )
 from uapt.batches import BatchStream
-from uapt.config import ConfigError, accumulation_steps, validate
+from uapt.config import RunConfig, validate
+from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
 from uapt.loop import (
     Interrupted,
     Trainer,
+    TrainerConfig,
     resume,
     run_loop,
     validation_loss,
 )
 from uapt.models import (
     AdaptersOff,
-    check_packing,
     compile_layers,
     load_model,
     load_tokenizer,
     make_teacher,
-    use_rows_attention,
 )
-from uapt.objectives import (
-    needs_teacher,
-)
+from uapt.packing import check_packing, use_rows_attention
 from uapt.paths import CONF_DIR
+from uapt.schema import ConfigError
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
 
@@ -94,55 +93,66 @@ class Components:
     teacher: torch.nn.Module | teacher_cache.TeacherCache | None
 
 
-def build(cfg: Mapping[str, Any], device: torch.device, world: distributed.World) -> Components:
-    tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
-    train_set, val_set, stats = build_datasets(
-        cfg["dataset"], tokenizer, cfg["seed"], cfg["cache_dir"]
-    )
-    torch.manual_seed(cfg["seed"])  # init depends on the seed only, not on what data loading drew
-    model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], device)
+def build(cfg: RunConfig, device: torch.device, world: distributed.World) -> Components:
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    train_set, val_set, stats = build_datasets(cfg.dataset, tokenizer, cfg.seed, cfg.cache_dir)
+    torch.manual_seed(cfg.seed)  # init depends on the seed only, not on what data loading drew
+    model = load_model(cfg.model, tokenizer, cfg.cache_dir, device)
     model.train()
-    if cfg["trainer"]["packing"]:  # refused here, before any step, for a model that cannot
+    if cfg.trainer.packing:  # refused here, before any step, for a model that cannot
         use_rows_attention(model)
-        check_packing(model, cfg["model"]["name"], len(tokenizer))
+        check_packing(model, cfg.model.name, len(tokenizer))
     teacher = None
-    if needs_teacher(cfg["objective"]) and cfg["objective"].get("teacher") == "cached":
-        teacher = teacher_cache.open_cache(model, cfg["objective"], cfg["cache_dir"])
-    elif needs_teacher(cfg["objective"]):
-        teacher = make_teacher(model, cfg["model"])
+    if cfg.objective.needs_teacher and cfg.objective.teacher == "cached":
+        teacher = teacher_cache.open_cache(model, cfg.objective, cfg.cache_dir)
+    elif cfg.objective.needs_teacher:
+        teacher = make_teacher(model, cfg.model)
     return Components(tokenizer, train_set, val_set, stats, model, model, teacher)
 
 
-def data_stream(cfg: Mapping[str, Any], parts: Components, world: distributed.World) -> BatchStream:
+def data_stream(cfg: RunConfig, parts: Components, world: distributed.World) -> BatchStream:
     """The run's training rows in their seeded order, as this rank reads them."""
-    trainer_cfg = cfg["trainer"]
+    trainer = cfg.trainer
     return BatchStream(
         parts.train_set,
-        trainer_cfg["micro_batch_size"],
-        cfg["seed"],
+        trainer.micro_batch_size,
+        cfg.seed,
         parts.tokenizer.pad_token_id,
         world.rank,
         world.world_size,
-        accumulation_steps(trainer_cfg, world.world_size),
-        max_tokens=trainer_cfg["max_tokens_per_micro_batch"],
-        packed=trainer_cfg["packing"],
+        trainer.accumulation(world.world_size),
+        max_tokens=trainer.max_tokens_per_micro_batch,
+        packed=trainer.packing,
     )
 
 
-def probe_rows(val_set: Any, trainer_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+def probe_rows(val_set: Any, trainer: TrainerConfig) -> list[dict[str, Any]]:
     """The curriculum probe: the first global batch's worth of validation rows (fixed)."""
-    return [val_set[i] for i in range(min(trainer_cfg["batch_size"], len(val_set)))]
+    return [val_set[i] for i in range(min(trainer.batch_size, len(val_set)))]
 
 
-def fill_teacher_cache(cfg: Mapping[str, Any], parts: Components, stream: BatchStream) -> None:
+def make_trainer(
+    cfg: RunConfig,
+    parts: Components,
+    stream: BatchStream,
+    device: torch.device,
+    world: distributed.World,
+) -> Trainer:
+    """The loop's state for this run: the model that runs forward, its optimizer and schedule."""
+    return Trainer(
+        cfg.trainer, cfg.objective, cfg.seed, parts.runner, parts.teacher, stream, device, world
+    )
+
+
+def fill_teacher_cache(cfg: RunConfig, parts: Components, stream: BatchStream) -> None:
     """Compute every row this rank will read from the teacher cache and that is not there yet
     (its training rows and the probe). Runs before any step or checkpoint load, while the
     model still holds the initial weights: the teacher."""
     cache = parts.teacher
     if not isinstance(cache, teacher_cache.TeacherCache):
         return
-    rows = [row for step in range(cfg["trainer"]["max_steps"]) for row in stream.rank_rows(step)]
-    rows += probe_rows(parts.val_set, cfg["trainer"])
+    rows = [row for step in range(cfg.trainer.max_steps) for row in stream.rank_rows(step)]
+    rows += probe_rows(parts.val_set, cfg.trainer)
     cache.fill(parts.model, rows, stream.micro_batch_size, stream.pad_id)
     log.info(
         "teacher cache %s: %d rows computed, %d reused", cache.folder, cache.computed, cache.reused
@@ -150,19 +160,19 @@ def fill_teacher_cache(cfg: Mapping[str, Any], parts: Components, stream: BatchS
 
 
 def parallelize(
-    cfg: Mapping[str, Any], parts: Components, device: torch.device, world: distributed.World
+    cfg: RunConfig, parts: Components, device: torch.device, world: distributed.World
 ) -> None:
     """Several ranks: DDP (a whole copy per rank), or with trainer.fsdp weights, gradients and
     optimizer state sharded (FSDP2); then torch.compile of the decoder layers when wanted. Runs
     after rank 0 alone scored the base model."""
-    if world.distributed and not cfg["trainer"]["fsdp"]:
+    if world.distributed and not cfg.trainer.fsdp:
         ids = [device.index] if device.type == "cuda" else None
         parts.runner = torch.nn.parallel.DistributedDataParallel(parts.model, device_ids=ids)
     elif world.distributed:
-        fsdp.shard(parts.model, mixed_precision=cfg["trainer"]["precision"] == "bf16")
+        fsdp.shard(parts.model, mixed_precision=cfg.trainer.precision == "bf16")
         if parts.teacher is not None and not isinstance(parts.teacher, AdaptersOff):
             fsdp.shard(parts.teacher)  # a frozen copy; LoRA's teacher is the (sharded) student
-    if compile_wanted(cfg["trainer"]["compile"], device):
+    if compile_wanted(cfg.trainer.compile, device):
         compile_layers(parts.model)
 
 
@@ -183,22 +193,30 @@ def model_source(model: torch.nn.Module) -> dict[str, Any]:
     return {"path": path, "embedded": provenance}
 
 
-def base_model_scores(cfg: Mapping[str, Any], parts: Components, device: torch.device) -> dict:
+def base_model_scores(cfg: RunConfig, parts: Components, device: torch.device) -> dict:
     """The initial model's suite scores, from the cache or evaluated now (before any step)."""
+    suite = cfg.plain["eval"]  # as written: the base-score cache is keyed by it
     return evaluation.base_scores(
-        cfg["model"],
-        cfg["eval"],
-        cfg["cache_dir"],
-        init_seed=cfg["seed"],
-        inputs=cfg.get("inputs"),
-        evaluate_fn=lambda: evaluation.run_suite(
-            parts.model, parts.tokenizer, cfg["eval"], device=device
-        ),
+        cfg.model,
+        suite,
+        cfg.cache_dir,
+        init_seed=cfg.seed,
+        inputs=cfg.inputs,
+        evaluate_fn=lambda: evaluate_phase("the initial model", parts, suite, device),
     )
 
 
+def evaluate_phase(
+    what: str, parts: Components, suite: Mapping[str, Any], device: torch.device, **kwargs: Any
+) -> dict[str, Any]:
+    """One phase on the terminal: a line before, one per task (uapt.evaluation), lm-eval's own
+    output in the run's log file."""
+    log.info("evaluating %s on eval=%s", what, suite.get("name"))
+    return evaluation.run_suite(parts.model, parts.tokenizer, suite, device=device, **kwargs)
+
+
 def train(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     folder: Path,
     record: records.RunRecord | None,
     tracker: Tracker | None,
@@ -207,9 +225,9 @@ def train(
 ) -> None:
     """Train (and evaluate) one run in `folder`. Only rank 0 has a record, a tracker and the
     run's lock (checked at every step: a process frozen past the lock's staleness stops)."""
-    trainer_cfg = cfg["trainer"]
-    device = pick_device(trainer_cfg["device"], world)
-    seed_everything(cfg["seed"], trainer_cfg["deterministic"])
+    trainer = cfg.trainer
+    device = pick_device(trainer.device, world)
+    seed_everything(cfg.seed, trainer.deterministic)
     started = time.perf_counter()
     parts = build(cfg, device, world)
     pad = parts.tokenizer.pad_token_id
@@ -219,8 +237,8 @@ def train(
     distributed.barrier(world)
     parallelize(cfg, parts, device, world)
 
-    loop = Trainer(cfg, parts.runner, parts.teacher, stream, device, world)
-    loop.probe, loop.val_set = probe_rows(parts.val_set, trainer_cfg), parts.val_set
+    loop = make_trainer(cfg, parts, stream, device, world)
+    loop.probe, loop.val_set = probe_rows(parts.val_set, trainer), parts.val_set
     checkpoints = folder / "checkpoints"
     metrics = resume(loop, parts.model, checkpoints, folder / "metrics.jsonl", world)
     if record:
@@ -234,10 +252,10 @@ def train(
 
     run_loop(loop, checkpoints, metrics, tracker, lock)
     train_s = time.perf_counter() - started
-    metrics["val/loss"] = validation_loss(parts.model, parts.val_set, trainer_cfg, pad, device)
+    metrics["val/loss"] = validation_loss(parts.model, parts.val_set, trainer, pad, device)
     if fsdp.is_sharded(parts.model):  # every rank gathers; rank 0 saves and evaluates a copy
         parts.model = fsdp.unsharded_copy(
-            parts.model, lambda: load_model(cfg["model"], parts.tokenizer, cfg["cache_dir"], device)
+            parts.model, lambda: load_model(cfg.model, parts.tokenizer, cfg.cache_dir, device)
         )
     log.info(
         "step %d  loss %.4f  val/loss %.4f",
@@ -247,7 +265,7 @@ def train(
     )
     if not record:
         return
-    if trainer_cfg["save_model"]:
+    if trainer.save_model:
         save_model(parts.model, parts.tokenizer, folder / "model")
     record.update(metrics=metrics, timings={**record.data["timings"], "train_s": round(train_s, 2)})
     tracker.summary(metrics)
@@ -255,7 +273,7 @@ def train(
 
 
 def evaluate_run(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     parts: Components,
     device: torch.device,
     folder: Path,
@@ -268,9 +286,7 @@ def evaluate_run(
     Evaluation uses one fixed seed (run_suite's) for every run and the base model alike, so all
     of them see the same few-shot examples and sampling draws."""
     started = time.perf_counter()
-    result = evaluation.run_suite(
-        parts.model, parts.tokenizer, cfg["eval"], device=device, out_dir=folder
-    )
+    result = evaluate_phase("the trained model", parts, cfg.plain["eval"], device, out_dir=folder)
     if not result:
         return
     result["eval_base"] = base.get("eval", {})
@@ -287,35 +303,40 @@ def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def execute(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def execute(plain: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
-    validate(cfg)
-    tune.check_tuned(cfg)
-    cfg = inputs.with_fingerprints(dict(cfg))  # local data and models: their content is the id
-    folder = records.run_dir(cfg)
-    outcome = {"id": records.run_id(cfg), "slug": records.run_slug(cfg), "dir": str(folder)}
-    if cfg["trainer"]["nproc"] > 1 and not distributed.under_torchrun():
+    validate(plain)  # every key checked before anything is read, loaded or created
+    tune.check_tuned(plain)
+    cfg = RunConfig.parse(inputs.with_fingerprints(dict(plain)))  # local inputs: content is the id
+    folder = records.run_dir(cfg.plain)
+    ids = {"id": records.run_id(cfg.plain), "slug": records.run_slug(cfg.plain)}
+    outcome = {**ids, "dir": str(folder)}
+    if cfg.trainer.nproc > 1 and not distributed.under_torchrun():
         return relaunch(cfg, folder, outcome)
-    world = distributed.init(pick_device(cfg["trainer"]["device"], distributed.World()))
-    with run_folder.claim(folder, cfg["force"], world) as claim:
+    world = distributed.init(pick_device(cfg.trainer.device, distributed.World()))
+    with run_folder.claim(folder, cfg.force, world) as claim:
         if claim.skipped:
-            log.info("%s: not training %s (%s)", claim.skipped, outcome["slug"], folder)
-            return {**outcome, "status": "skipped", "reason": claim.skipped}
+            return skipped(outcome, claim.skipped, folder)
         return train_claimed(cfg, folder, outcome, world, claim.lock)
 
 
-def relaunch(cfg: Mapping[str, Any], folder: Path, outcome: dict[str, Any]) -> dict[str, Any]:
+def skipped(outcome: dict[str, Any], reason: str, folder: Path) -> dict[str, Any]:
+    hint = " (force=true to override)" if reason == run_folder.COMPLETED else ""
+    log.info("%s %s in %s: not training again%s", outcome["slug"], reason, folder, hint)
+    return {**outcome, "status": "skipped", "reason": reason}
+
+
+def relaunch(cfg: RunConfig, folder: Path, outcome: dict[str, Any]) -> dict[str, Any]:
     """`trainer.nproc > 1`: this process claims the run and runs it under torchrun."""
     world = distributed.World()
-    with run_folder.claim(folder, cfg["force"], world) as claim:
+    with run_folder.claim(folder, cfg.force, world) as claim:
         if claim.skipped:
-            log.info("%s: not training %s (%s)", claim.skipped, outcome["slug"], folder)
-            return {**outcome, "status": "skipped", "reason": claim.skipped}
-        nproc = cfg["trainer"]["nproc"]
+            return skipped(outcome, claim.skipped, folder)
+        nproc = cfg.trainer.nproc
         log.info("launching %d processes with torchrun", nproc)
         env = {run_lock.INHERITED_ENV: str(claim.lock.path)} if claim.lock else {}
         # the ranks must not move previous results again: this process did
-        argv = [*hydra_overrides(), "hydra.mode=RUN", *(["force=false"] if cfg["force"] else [])]
+        argv = [*hydra_overrides(), "hydra.mode=RUN", *(["force=false"] if cfg.force else [])]
         code = distributed.relaunch_with_torchrun(nproc, argv, env)
         status = (run_folder.heal_record(folder) or {}).get("status", "failed")
         if code or status != "completed":
@@ -326,7 +347,7 @@ def relaunch(cfg: Mapping[str, Any], folder: Path, outcome: dict[str, Any]) -> d
 
 
 def train_claimed(
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     folder: Path,
     outcome: dict[str, Any],
     world: distributed.World,
@@ -335,9 +356,9 @@ def train_claimed(
     """Train a run this process group holds; rank 0 keeps the record, the log and W&B."""
     record = tracker = handler = None
     if world.is_main:
-        record = records.RunRecord.start(folder, cfg, world.world_size)
+        record = records.RunRecord.start(folder, cfg.plain, world.world_size)
         handler = attach_file_log(folder / "train.log")
-        tracker = Tracker(folder, cfg, outcome["id"], outcome["slug"])
+        tracker = Tracker(folder, cfg.plain, outcome["id"], outcome["slug"])
     failed = True
     try:
         train(cfg, folder, record, tracker, world, lock)
@@ -372,17 +393,6 @@ def attach_file_log(path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
-
-
-def setup_logging() -> None:
-    from rich.logging import RichHandler
-
-    root = logging.getLogger()
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        root.addHandler(RichHandler(show_path=False, rich_tracebacks=False))
-    root.setLevel(logging.INFO)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "wandb"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

@@ -31,8 +31,8 @@ from typing import Any
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
 from uapt import files, records
-from uapt.config import ConfigError
 from uapt.paths import CONF_DIR, SWEEPS_DIR
+from uapt.schema import ConfigError
 from uapt.sweeps import GROUPS
 
 log = logging.getLogger("uapt")

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from uapt import files
 from uapt.paths import CONF_DIR
 from uapt.tracking import EVAL_SECTIONS, STEP_KEY, one_line
 
 if TYPE_CHECKING:
     from wandb_workspaces.workspaces import Workspace
 
-    from uapt.table import Experiment, Run, Table
+    from uapt.table import Run, Table, TableSpec
 
 CONF_LOGGER = CONF_DIR / "logger" / "wandb.yaml"
 TABLE_JOB_TYPE = "table"
@@ -73,7 +74,7 @@ def _default_project() -> str:
         return "uapt"
 
 
-def _filtered_experiment(exp: Experiment) -> str | None:
+def _filtered_experiment(exp: TableSpec) -> str | None:
     """The `experiment` an experiment file selects with `runs: {experiment: NAME}`, if any."""
     for _, path, condition in exp.filters:
         if path == ("summary", "experiment") and len(condition.tests) == 1:
@@ -83,7 +84,7 @@ def _filtered_experiment(exp: Experiment) -> str | None:
     return None
 
 
-def study_target(exp: Experiment, runs: Sequence[Run], runs_dir: Path) -> Target:
+def study_target(exp: TableSpec, runs: Sequence[Run], runs_dir: Path) -> Target:
     """The project, entity and group the study's runs were logged to (the most common among the
     selected runs; the defaults and the file's `experiment` filter, or its name, without runs)."""
     selected = [r for r in runs if exp.selects(r.data)]
@@ -125,7 +126,7 @@ def unique_columns(header: Sequence[str]) -> list[str]:
     return out
 
 
-def table_run_id(target: Target, exp: Experiment) -> str:
+def table_run_id(target: Target, exp: TableSpec) -> str:
     """One table run per (project, group, experiment file name): logging the table again after
     more seeds finish updates the same W&B run instead of adding another to the group."""
     key = f"{target.project}/{target.group}/{exp.path.stem}"
@@ -230,7 +231,7 @@ def wandb_key(path: Sequence[str]) -> str | None:
     return None
 
 
-def cell_keys(exp: Experiment) -> list[tuple[str, list[str]]]:
+def cell_keys(exp: TableSpec) -> list[tuple[str, list[str]]]:
     """(label, W&B keys) per cell metric with a W&B counterpart; a cell that averages several
     paths lists them all (W&B has no per-run mean of keys: the table shows their mean)."""
     out = []
@@ -241,21 +242,21 @@ def cell_keys(exp: Experiment) -> list[tuple[str, list[str]]]:
     return out
 
 
-def main_metric(exp: Experiment) -> str | None:
+def main_metric(exp: TableSpec) -> str | None:
     """The first eval cell's key (the study's headline score), else the first cell's."""
     cells = cell_keys(exp)
     evals = [keys[0] for _, keys in cells if keys[0].split("/")[0] in EVAL_SECTIONS]
     return (evals or [keys[0] for _, keys in cells] or [None])[0]
 
 
-def workspace_name(exp: Experiment, target: Target) -> str:
+def workspace_name(exp: TableSpec, target: Target) -> str:
     """`uapt: <group> (<file>)`. Not the title: W&B refuses symbols in a view's name (Unicode
     categories S*, such as ± and +), which titles use."""
     name = f"uapt: {target.group} ({exp.path.name})"
     return "".join(c for c in name if not unicodedata.category(c).startswith(("S", "Cs")))
 
 
-def _eval_bars(exp: Experiment) -> list[Any]:
+def _eval_bars(exp: TableSpec) -> list[Any]:
     import wandb_workspaces.reports.v2 as wr
 
     return [
@@ -281,7 +282,7 @@ def _curves() -> list[Any]:
     ]
 
 
-def _ablation(exp: Experiment) -> Any:
+def _ablation(exp: TableSpec) -> Any:
     import wandb_workspaces.reports.v2 as wr
 
     axes = [wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in SWEEP_AXES]
@@ -301,7 +302,7 @@ def _study_panels() -> list[Any]:
     ]
 
 
-def _sections(exp: Experiment) -> list[Any]:
+def _sections(exp: TableSpec) -> list[Any]:
     import wandb_workspaces.workspaces as ws
 
     return [
@@ -314,7 +315,7 @@ def _sections(exp: Experiment) -> list[Any]:
     ]
 
 
-def build_workspace(exp: Experiment, target: Target) -> Workspace:
+def build_workspace(exp: TableSpec, target: Target) -> Workspace:
     """The study's saved view: its group's runs grouped by objective variant; eval bars, training
     curves vs step, a parallel-coordinates panel and the table run's table, notes and plots."""
     import wandb_workspaces.workspaces as ws
@@ -333,9 +334,8 @@ def build_workspace(exp: Experiment, target: Target) -> Workspace:
 
 def write_workspace(workspace: Workspace, path: Path) -> Path:
     """The view exactly as the library would upload it (its model, as JSON)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     spec = workspace._to_model().model_dump(by_alias=True, exclude_none=True, mode="json")
-    path.write_text(json.dumps(spec, indent=1) + "\n")
+    files.write_text(path, json.dumps(spec, indent=1) + "\n")
     return path
 
 
@@ -366,12 +366,12 @@ def save_workspace(workspace: Workspace) -> str:
     return str(workspace.url)
 
 
-def workspace_file(target: Target, exp: Experiment) -> Path:
+def workspace_file(target: Target, exp: TableSpec) -> Path:
     return target.dir / "wandb" / "workspaces" / f"{exp.path.stem}.json"
 
 
 def publish_workspace(
-    exp: Experiment, target: Target, mode: str = "offline", output: Path | None = None
+    exp: TableSpec, target: Target, mode: str = "offline", output: Path | None = None
 ) -> str:
     """Save the study's workspace online, or write it to a file; returns the one line to print."""
     workspace = build_workspace(exp, target)
@@ -421,7 +421,7 @@ def _save_file(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from uapt.table import ExperimentError, load_experiment, load_runs
+    from uapt.table import TableSpecError, load_runs, load_table_spec
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -430,8 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.save is not None:
         return _save_file(args.save)
     try:
-        exp = load_experiment(args.experiment)
-    except ExperimentError as e:
+        exp = load_table_spec(args.experiment)
+    except TableSpecError as e:
         print(f"uapt-workspace: error: {e}", file=sys.stderr)
         return 2
     missing = [d for d in args.runs or [] if not d.is_dir()]

@@ -19,11 +19,11 @@ from uapt.evaluation.run import (
     score_delta,
     suite_hash,
 )
-from uapt.evaluation.suite import SUITE_DEFAULTS, TaskSpec, suite_tasks, validate_suite
+from uapt.evaluation.suite import SuiteConfig, TaskSpec, parse_suite, suite_tasks, validate_suite
 from uapt.evaluation.tasks import arith_dataset, ifeval_dataset, lm_eval_version, task_request
 
 __all__ = [
-    "SUITE_DEFAULTS",
+    "SuiteConfig",
     "TaskSpec",
     "arith_dataset",
     "base_scores",
@@ -34,6 +34,7 @@ __all__ = [
     "lm_eval_version",
     "load_for_eval",
     "main",
+    "parse_suite",
     "result_rows",
     "rich_table",
     "run_suite",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uapt.config import ConfigError
 from uapt.evaluation.run import _number, result_rows, run_suite
-from uapt.evaluation.suite import suite_tasks
 from uapt.paths import CONF_DIR
+from uapt.schema import ConfigError
+
+if TYPE_CHECKING:
+    from uapt.models import ModelConfig
 
 log = logging.getLogger("uapt.evaluation")
 
@@ -71,7 +74,7 @@ def latest_checkpoint(folder: Path) -> Path:
 
 
 def load_for_eval(
-    model_cfg: Mapping[str, Any],
+    model_cfg: ModelConfig | Mapping[str, Any],
     cache_dir: str | Path,
     device: Any,
     checkpoint: str | Path | None = None,
@@ -79,8 +82,9 @@ def load_for_eval(
     """(model, tokenizer) from the model config, or from a checkpoint folder of that model:
     a saved Hugging Face model (config.json), a PEFT adapter (adapter_config.json) or bare
     weights (model.safetensors) for the architecture `model_cfg` describes."""
-    from uapt.models import load_model, load_tokenizer
+    from uapt.models import ModelConfig, load_model, load_tokenizer
 
+    model_cfg = ModelConfig.parse(model_cfg)
     if checkpoint is None:
         tokenizer = load_tokenizer(model_cfg, cache_dir)
         return load_model(model_cfg, tokenizer, cache_dir, device), tokenizer
@@ -88,15 +92,12 @@ def load_for_eval(
         raise FileNotFoundError(f"checkpoint={checkpoint}: no such folder")
     folder = latest_checkpoint(Path(checkpoint).expanduser())
     has_tokenizer = (folder / "tokenizer_config.json").exists()
+    tokenizer_from = str(folder) if has_tokenizer else model_cfg.tokenizer
     if (folder / "config.json").exists():
-        cfg = {
-            **model_cfg,
-            "path": str(folder),
-            **({"tokenizer": str(folder)} if has_tokenizer else {}),
-        }
+        cfg = dataclasses.replace(model_cfg, path=str(folder), tokenizer=tokenizer_from)
         tokenizer = load_tokenizer(cfg, cache_dir)
         return load_model(cfg, tokenizer, cache_dir, device), tokenizer
-    tok_cfg = {**model_cfg, "tokenizer": str(folder)} if has_tokenizer else model_cfg
+    tok_cfg = dataclasses.replace(model_cfg, tokenizer=tokenizer_from)
     tokenizer = load_tokenizer(tok_cfg, cache_dir)
     model = load_model(model_cfg, tokenizer, cache_dir, device)
     if (folder / "adapter_config.json").exists():
@@ -116,7 +117,7 @@ def load_for_eval(
     unknown = sorted(set(weights) - set(model.state_dict()))
     if unknown:
         raise ValueError(
-            f"checkpoint={checkpoint}: {len(unknown)} tensors the model {model_cfg.get('name')!r} "
+            f"checkpoint={checkpoint}: {len(unknown)} tensors the model {model_cfg.name!r} "
             f"does not have, e.g. {unknown[0]}: it belongs to another model"
         )
     model.load_state_dict(weights, strict=False)
@@ -137,21 +138,21 @@ def evaluate_cli(
     """uapt-eval's body on a resolved config; returns the exit status."""
     from rich.console import Console
 
-    suite = cfg["eval"]
+    from uapt.config import RunConfig  # the edge: every section checked before any loading
+
     try:
-        specs = suite_tasks(suite)
+        run = RunConfig.parse(cfg)
     except ConfigError as e:
         log.error("bad configuration: %s", e)
         return 2
-    if not specs:
+    if not run.eval.task_specs:
         log.error(
-            "eval=%s has no tasks: choose a suite, e.g. eval=embedded or eval=paper",
-            suite.get("name"),
+            "eval=%s has no tasks: choose a suite, e.g. eval=embedded or eval=paper", run.eval.name
         )
         return 2
-    device = _device((cfg.get("trainer") or {}).get("device", "auto"))
+    device = _device(run.trainer.device)
     try:
-        model, tokenizer = load_for_eval(cfg["model"], cfg["cache_dir"], device, checkpoint)
+        model, tokenizer = load_for_eval(run.model, run.cache_dir, device, checkpoint)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
@@ -161,17 +162,20 @@ def evaluate_cli(
     results = run_suite(
         model,
         tokenizer,
-        suite,
+        run.plain["eval"],  # as written: what the results record
         device=device,
         out_dir=out_file.parent if out_file else None,
-        seed=cfg.get("seed", 0),
+        seed=run.seed,
     )
-    title = f"{cfg['model'].get('name')}{f' @ {checkpoint}' if checkpoint else ''} on eval={suite['name']}"
+    at = f" @ {checkpoint}" if checkpoint else ""
+    title = f"{run.model.name}{at} on eval={run.eval.name}"
     Console().print(rich_table(results, title))
     if out_file is not None:
         from uapt import files
 
-        files.write_json(out_file, {"model": cfg["model"], "checkpoint": checkpoint, **results})
+        files.write_json(
+            out_file, {"model": run.plain["model"], "checkpoint": checkpoint, **results}
+        )
         log.info("wrote %s", out_file)
     return 0
 
@@ -186,10 +190,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
     def app(cfg: DictConfig) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("lm_eval").setLevel(
-            logging.WARNING
-        )  # its per-task INFO lines drown the table
+        from uapt.console import setup_logging
+
+        setup_logging()  # uapt's lines; lm-eval's own only when they are errors
         from uapt.errors import UserError, show_traceback
 
         try:

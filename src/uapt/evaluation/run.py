@@ -4,6 +4,7 @@ suite)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -11,11 +12,15 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from uapt import console
 from uapt.evaluation import outcomes
-from uapt.evaluation.suite import NON_SEMANTIC, SUITE_DEFAULTS, suite_tasks
+from uapt.evaluation.suite import NON_SEMANTIC, parse_suite
 from uapt.evaluation.tasks import lm_eval_version, task_request
+
+if TYPE_CHECKING:
+    from uapt.models import ModelConfig
 
 log = logging.getLogger("uapt.evaluation")
 
@@ -33,45 +38,46 @@ def evaluate_lm(
     This is the whole scoring path: run_suite wraps the model in HFLM and calls this.
     Seeds: lm-eval's defaults (0, 1234, 1234, 1234) shifted by `seed`.
     """
-    specs = suite_tasks(suite_cfg)
-    if not specs:
+    suite = parse_suite(suite_cfg)
+    if not suite.task_specs:
         return {}
     from lm_eval.evaluator import simple_evaluate
 
     from uapt.ifeval import prepare_ifeval
 
-    suite = {**SUITE_DEFAULTS, **suite_cfg}
     prepare_ifeval()  # lm-eval's IFEval code downloads punkt_tab at import unless NLTK finds it
-    include = suite["include_path"]
+    include = suite.include_path
     include = [include] if isinstance(include, str) else list(include or [])
     scores: dict[str, dict[str, float | None]] = {}
     meta: dict[str, Any] = {"n_samples": {}, "task_versions": {}, "seconds": {}}
     kept: list[dict[str, Any]] = []
     dropped: list[str] = []
-    for spec in specs:
+    quiet = console.library_bars_hidden if console.quiet_wanted() else contextlib.nullcontext
+    for spec in suite.task_specs:
         started = time.perf_counter()
         request, manager, is_cfg = task_request(spec, include)
-        raw = simple_evaluate(
-            model=lm,
-            tasks=[request],
-            task_manager=manager,
-            limit=spec.limit,
-            num_fewshot=None if is_cfg else spec.num_fewshot,
-            gen_kwargs={"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None,
-            apply_chat_template=spec.apply_chat_template,
-            fewshot_as_multiturn=spec.fewshot_as_multiturn,
-            system_instruction=suite["system_instruction"],
-            bootstrap_iters=suite["bootstrap_iters"],
-            log_samples=True,  # per-sample outcomes are always kept (uapt.evaluation.outcomes)
-            device=device,
-            random_seed=seed,
-            numpy_random_seed=1234 + seed,
-            torch_random_seed=1234 + seed,
-            fewshot_random_seed=1234 + seed,
-        )
+        with quiet():
+            raw = simple_evaluate(
+                model=lm,
+                tasks=[request],
+                task_manager=manager,
+                limit=spec.limit,
+                num_fewshot=None if is_cfg else spec.num_fewshot,
+                gen_kwargs={"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None,
+                apply_chat_template=spec.apply_chat_template,
+                fewshot_as_multiturn=spec.fewshot_as_multiturn,
+                system_instruction=suite.system_instruction,
+                bootstrap_iters=suite.bootstrap_iters,
+                log_samples=True,  # per-sample outcomes are always kept (uapt.evaluation.outcomes)
+                device=device,
+                random_seed=seed,
+                numpy_random_seed=1234 + seed,
+                torch_random_seed=1234 + seed,
+                fewshot_random_seed=1234 + seed,
+            )
         if raw is None:  # not rank 0 (lm-eval returns results on rank 0 only)
             continue
-        keep = None if suite["subtasks"] else {spec.name}
+        keep = None if suite.subtasks else {spec.name}
         # a tag (e.g. ai2_arc) has no aggregate of its own: then every task it expanded to
         scores.update(flatten_results(raw, keep) or flatten_results(raw))
         meta["n_samples"].update(raw.get("n-samples", {}))
@@ -79,9 +85,15 @@ def evaluate_lm(
             {k: v for k, v in raw.get("versions", {}).items() if v is not None}
         )
         meta["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+        log.info(
+            "eval %s: %s samples in %.0f s",
+            spec.name,
+            (raw.get("n-samples") or {}).get(spec.name, {}).get("effective", "?"),
+            meta["seconds"][spec.name],
+        )
         lines, skipped = outcomes.from_samples(raw.get("samples") or {}, scores)
         kept, dropped = kept + lines, dropped + skipped
-        if out_dir is not None and suite["log_samples"]:
+        if out_dir is not None and suite.log_samples:
             write_samples(Path(out_dir) / "eval_samples", raw.get("samples") or {})
     if out_dir is not None:
         outcomes.write(Path(out_dir), kept)
@@ -109,20 +121,20 @@ def run_suite(
     The model goes to eval mode for the duration and back to its previous mode afterwards.
     Per-sample outputs go to <out_dir>/eval_samples/<task>.jsonl when `eval.log_samples` is true.
     """
-    if not suite_tasks(suite_cfg):
+    suite = parse_suite(suite_cfg)
+    if not suite.task_specs:
         return {}
     from lm_eval.models.huggingface import HFLM
 
-    suite = {**SUITE_DEFAULTS, **suite_cfg}
     was_training = model.training
     try:
         # simple_evaluate ignores its batch_size for a model object: the HFLM carries it.
         lm = HFLM(
             pretrained=model,
             tokenizer=tokenizer,
-            batch_size=suite["batch_size"],
-            max_batch_size=suite["max_batch_size"],
-            max_length=suite["max_length"],
+            batch_size=suite.batch_size,
+            max_batch_size=suite.max_batch_size,
+            max_length=suite.max_length,
         )
         return evaluate_lm(lm, suite_cfg, out_dir=out_dir, seed=seed, device=str(device))
     finally:
@@ -210,7 +222,7 @@ def suite_hash(suite_cfg: Mapping[str, Any]) -> str:
 
 
 def base_scores(
-    model_cfg: Mapping[str, Any],
+    model_cfg: ModelConfig | Mapping[str, Any],
     suite_cfg: Mapping[str, Any],
     cache_dir: str | Path,
     evaluate_fn: Callable[[], dict[str, Any]],
@@ -225,13 +237,14 @@ def base_scores(
     `inputs`: the run's content fingerprints (uapt.inputs); those of the model and the suite's
     data files enter the key, so an edited local model or eval file is scored again.
     """
-    if not suite_tasks(suite_cfg):
+    if not parse_suite(suite_cfg).task_specs:
         return {}
     from uapt import files
-    from uapt.models import model_fingerprint
+    from uapt.models import ModelConfig, model_fingerprint
 
-    key = f"{model_fingerprint(model_cfg)}-{suite_hash(suite_cfg)}"
-    if not model_cfg.get("path") and init_seed is not None:
+    model = ModelConfig.parse(model_cfg)
+    key = f"{model_fingerprint(model)}-{suite_hash(suite_cfg)}"
+    if not model.path and init_seed is not None:
         key += f"-s{init_seed}"
     local = {k: v for k, v in (inputs or {}).items() if k.startswith(("model.", "eval."))}
     if local:

@@ -3,13 +3,26 @@ which few-shot count, sample limit, chat template and generation length (docs/ev
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from uapt.config import ConfigError
+from uapt.schema import (
+    BOOL,
+    MAPPING,
+    STRING,
+    TEXT,
+    ConfigError,
+    Section,
+    number,
+    option,
+    optional,
+    satisfies,
+)
 
 BUILTIN_TASKS = ("arith", "ifeval_embedded")
 
@@ -34,167 +47,137 @@ def _batch_ok(v: Any) -> bool:
     )
 
 
-def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
+def _task_name_ok(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[\w.:-]+", v) is not None
 
 
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-
-SUITE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "tasks": (lambda v: isinstance(v, list | tuple), "a list of tasks"),
-    "batch_size": (_batch_ok, "an integer >= 1, 'auto' or 'auto:N'"),
-    "max_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "max_length": (
-        _opt(lambda v: _is_int(v) and v >= 1),
-        "an integer >= 1 (or null: from the model config)",
-    ),
-    "limit": (_limit_ok, "an integer >= 1, a fraction in (0, 1], or null"),
-    "apply_chat_template": _BOOL,
-    "fewshot_as_multiturn": _BOOL,
-    "system_instruction": (_opt(lambda v: isinstance(v, str)), "a string (or null)"),
-    "bootstrap_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "log_samples": _BOOL,
-    "subtasks": _BOOL,
-    "include_path": (
-        _opt(lambda v: isinstance(v, str | list | tuple)),
-        "a folder or list of folders (or null)",
-    ),
-}
-
-TASK_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "name": (
-        lambda v: isinstance(v, str) and re.fullmatch(r"[\w.:-]+", v) is not None,
-        "a task name (letters, digits, _ . : -)",
-    ),
-    "task": (
-        _opt(lambda v: isinstance(v, str) and v != ""),
-        "an lm-eval task name (or null: same as name)",
-    ),
-    "num_fewshot": (
-        _opt(lambda v: _is_int(v) and v >= 0),
-        "an integer >= 0 (or null: the task's default)",
-    ),
-    "limit": (_limit_ok, "an integer >= 1, a fraction in (0, 1], or null"),
-    "apply_chat_template": (
-        _opt(lambda v: isinstance(v, bool)),
-        "true, false or null (the suite's)",
-    ),
-    "fewshot_as_multiturn": (
-        _opt(lambda v: isinstance(v, bool)),
-        "true, false or null (the suite's)",
-    ),
-    "max_gen_toks": (
-        _opt(lambda v: _is_int(v) and v >= 1),
-        "an integer >= 1 (or null: the task's)",
-    ),
-    "data_files": (
-        _opt(lambda v: isinstance(v, str | list | tuple | Mapping)),
-        "a file, a list of files, or a mapping split -> file(s)",
-    ),
-    "overrides": (_opt(lambda v: isinstance(v, Mapping)), "a mapping of lm-eval task config keys"),
-    "size": (_opt(lambda v: _is_int(v) and v >= 1), "an integer >= 1 (builtin tasks only)"),
-    "seed": (_is_int, "an integer"),
-}
-
-SUITE_DEFAULTS: dict[str, Any] = {
-    "tasks": [],
-    "batch_size": 8,
-    "max_batch_size": 64,
-    "max_length": None,
-    "limit": None,
-    "apply_chat_template": True,
-    "fewshot_as_multiturn": True,
-    "system_instruction": None,
-    "bootstrap_iters": 100_000,
-    "log_samples": False,
-    "subtasks": False,
-    "include_path": None,
-}
+LIMIT = satisfies(_limit_ok, "an integer >= 1, a fraction in (0, 1], or null")
+SUITE_OR_BOOL = optional(satisfies(lambda v: isinstance(v, bool), "true, false (the suite's)"))
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """One task of a suite, with the suite's defaults filled in."""
+class TaskSpec(Section):
+    """One task of a suite (`eval.tasks[i]`; a bare string is its name). Keys left null take the
+    suite's value when the suite is parsed (SuiteConfig.task_specs)."""
 
-    name: str  # key in the results (and the lm-eval task name it runs under)
-    task: str  # lm-eval task (or uapt builtin) it is built from
-    num_fewshot: int | None = None
-    limit: int | float | None = None
-    apply_chat_template: bool = True
-    fewshot_as_multiturn: bool = True
-    max_gen_toks: int | None = None
-    data_files: Any = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    size: int | None = None
-    seed: int = 0
+    SECTION: ClassVar[str] = "eval.tasks[]"
+
+    name: str = option(satisfies(_task_name_ok, "a task name (letters, digits, _ . : -)"))
+    task: str | None = option(optional(TEXT), default=None)  # lm-eval task; null: same as name
+    num_fewshot: int | None = option(optional(number(0, integer=True)), default=None)
+    limit: int | float | None = option(LIMIT, default=None)
+    apply_chat_template: bool | None = option(SUITE_OR_BOOL, default=None)
+    fewshot_as_multiturn: bool | None = option(SUITE_OR_BOOL, default=None)
+    max_gen_toks: int | None = option(optional(number(1, integer=True)), default=None)
+    data_files: Any = option(
+        optional(
+            satisfies(
+                lambda v: isinstance(v, str | list | tuple | Mapping),
+                "a file, a list of files, or a mapping split -> file(s)",
+            )
+        ),
+        default=None,
+    )
+    overrides: Mapping[str, Any] | None = option(optional(MAPPING), default=None)
+    size: int | None = option(optional(number(1, integer=True)), default=None)  # builtins only
+    seed: int = option(number(integer=True), default=0)
+
+    @classmethod
+    def parse(cls, node: Any, where: str | None = None) -> TaskSpec:
+        if isinstance(node, str):
+            node = {"name": node}
+        if not isinstance(node, Mapping | TaskSpec) or (
+            isinstance(node, Mapping) and "name" not in node
+        ):
+            raise ConfigError(
+                f"{where} must be a task name or a mapping with a `name`, got {node!r}"
+            )
+        return super().parse(node, where)
+
+    def check(self, where: str) -> None:
+        task = self.task or self.name
+        if task not in BUILTIN_TASKS and self.size is not None:
+            raise ConfigError(
+                f"{where}.size applies to the builtin tasks ({', '.join(BUILTIN_TASKS)}) only"
+            )
+        if task in BUILTIN_TASKS and self.data_files is not None:
+            raise ConfigError(f"{where}.data_files: the builtin task {task!r} generates its data")
+        _resolve_files(f"{where}.data_files", self.data_files)  # fail on a missing file now
 
     @property
     def builtin(self) -> bool:
-        return self.task in BUILTIN_TASKS
+        return (self.task or self.name) in BUILTIN_TASKS
 
 
-def _check(
-    prefix: str, node: Mapping[str, Any], schema: Mapping[str, tuple[Callable[[Any], bool], str]]
-) -> None:
-    for key, value in node.items():
-        if key not in schema:
-            raise ConfigError(f"{prefix}.{key} is not a known option; known: {', '.join(schema)}")
-        ok, allowed = schema[key]
-        if not ok(value):
-            raise ConfigError(f"{prefix}.{key}={value!r} is not {allowed}")
+@dataclass(frozen=True)
+class SuiteConfig(Section):
+    """`eval.*`, checked (conf/eval/base.yaml says what each key does)."""
+
+    SECTION: ClassVar[str] = "eval"
+    DEFAULTS: ClassVar[str] = "eval/base.yaml"
+
+    name: str = option(TEXT)
+    tasks: tuple[TaskSpec, ...] = option(
+        satisfies(lambda v: isinstance(v, list | tuple), "a list of tasks")
+    )
+    batch_size: int | str = option(satisfies(_batch_ok, "an integer >= 1, 'auto' or 'auto:N'"))
+    max_batch_size: int = option(number(1, integer=True))
+    max_length: int | None = option(optional(number(1, integer=True)))
+    limit: int | float | None = option(LIMIT)
+    apply_chat_template: bool = option(BOOL)
+    fewshot_as_multiturn: bool = option(BOOL)
+    system_instruction: str | None = option(optional(STRING))
+    bootstrap_iters: int = option(number(0, integer=True))
+    log_samples: bool = option(BOOL)
+    subtasks: bool = option(BOOL)
+    include_path: str | tuple[str, ...] | None = option(
+        optional(
+            satisfies(lambda v: isinstance(v, str | list | tuple), "a folder or list of folders")
+        )
+    )
+
+    def check(self, where: str) -> None:
+        self.task_specs  # noqa: B018 - every task checked now, before any model is loaded
+
+    @functools.cached_property
+    def task_specs(self) -> tuple[TaskSpec, ...]:
+        """The tasks with the suite's values filled in (none for the `none` suite)."""
+        if self.name == "none":
+            return ()
+        specs, seen = [], set()
+        for i, raw in enumerate(self.tasks):
+            spec = self._resolved(TaskSpec.parse(raw, f"eval.tasks[{i}]"), f"eval.tasks[{i}]")
+            if spec.name in seen:
+                raise ConfigError(f"eval.tasks[{i}].name={spec.name!r} appears twice in the suite")
+            seen.add(spec.name)
+            specs.append(spec)
+        return tuple(specs)
+
+    def _resolved(self, spec: TaskSpec, where: str) -> TaskSpec:
+        return dataclasses.replace(
+            spec,
+            task=spec.task or spec.name,
+            limit=_cap(spec.limit, self.limit),
+            apply_chat_template=_pick(spec.apply_chat_template, self.apply_chat_template),
+            fewshot_as_multiturn=_pick(spec.fewshot_as_multiturn, self.fewshot_as_multiturn),
+            data_files=_resolve_files(f"{where}.data_files", spec.data_files),
+            overrides=dict(spec.overrides or {}),
+        )
+
+
+def parse_suite(suite: Mapping[str, Any] | SuiteConfig) -> SuiteConfig:
+    """The `eval` section checked."""
+    return SuiteConfig.parse(suite)
 
 
 def validate_suite(suite_cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError naming the first bad key of an `eval` node (files must exist)."""
-    suite_tasks(suite_cfg)
+    parse_suite(suite_cfg)
 
 
-def suite_tasks(suite_cfg: Mapping[str, Any]) -> list[TaskSpec]:
+def suite_tasks(suite_cfg: Mapping[str, Any] | SuiteConfig) -> list[TaskSpec]:
     """The suite's tasks as TaskSpecs (validated; empty for the `none` suite)."""
-    if not isinstance(suite_cfg, Mapping):
-        raise ConfigError(f"eval must be a mapping, got {type(suite_cfg).__name__}")
-    _check("eval", suite_cfg, SUITE_SCHEMA)
-    if "name" not in suite_cfg:
-        raise ConfigError("eval.name is missing")
-    suite = {**SUITE_DEFAULTS, **suite_cfg}
-    if suite["name"] == "none":
-        return []
-    specs, seen = [], set()
-    for i, raw in enumerate(suite["tasks"]):
-        spec = _task_spec(f"eval.tasks[{i}]", raw, suite)
-        if spec.name in seen:
-            raise ConfigError(f"eval.tasks[{i}].name={spec.name!r} appears twice in the suite")
-        seen.add(spec.name)
-        specs.append(spec)
-    return specs
-
-
-def _task_spec(prefix: str, raw: Any, suite: Mapping[str, Any]) -> TaskSpec:
-    node = {"name": raw} if isinstance(raw, str) else raw
-    if not isinstance(node, Mapping) or "name" not in node:
-        raise ConfigError(f"{prefix} must be a task name or a mapping with a `name`, got {raw!r}")
-    _check(prefix, node, TASK_SCHEMA)
-    task = node.get("task") or node["name"]
-    if task not in BUILTIN_TASKS and node.get("size") is not None:
-        raise ConfigError(
-            f"{prefix}.size applies to the builtin tasks ({', '.join(BUILTIN_TASKS)}) only"
-        )
-    if task in BUILTIN_TASKS and node.get("data_files") is not None:
-        raise ConfigError(f"{prefix}.data_files: the builtin task {task!r} generates its data")
-    return TaskSpec(
-        name=node["name"],
-        task=task,
-        num_fewshot=node.get("num_fewshot"),
-        limit=_cap(node.get("limit"), suite["limit"]),
-        apply_chat_template=_pick(node.get("apply_chat_template"), suite["apply_chat_template"]),
-        fewshot_as_multiturn=_pick(node.get("fewshot_as_multiturn"), suite["fewshot_as_multiturn"]),
-        max_gen_toks=node.get("max_gen_toks"),
-        data_files=_resolve_files(f"{prefix}.data_files", node.get("data_files")),
-        overrides=dict(node.get("overrides") or {}),
-        size=node.get("size"),
-        seed=node.get("seed", 0),
-    )
+    return list(parse_suite(suite_cfg).task_specs)
 
 
 def _pick(value: Any, default: Any) -> Any:

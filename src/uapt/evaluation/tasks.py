@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from uapt.config import ConfigError
 from uapt.evaluation.suite import BUILTIN_TASKS, DEFAULT_SIZE, TaskSpec
+from uapt.schema import ConfigError
 
 
 def lm_eval_version() -> str:
@@ -143,7 +143,7 @@ def task_request(spec: TaskSpec, include_path: list[str] | None = None) -> tuple
             custom_dataset=None,
             dataset_kwargs={"data_files": spec.data_files},
         )
-    cfg.update(spec.overrides)
+    cfg.update(spec.overrides or {})
     cfg["task"] = spec.name
     # in the config itself: simple_evaluate's num_fewshot is ignored where a config says 0
     if spec.num_fewshot is not None:

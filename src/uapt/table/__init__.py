@@ -20,22 +20,22 @@ from uapt.table.cells import Cell, Table
 from uapt.table.cli import main
 from uapt.table.plots import make_plots
 from uapt.table.render import grid, render, to_csv, to_latex, to_markdown, to_rich, to_text
-from uapt.table.spec import Experiment, Metric, load_experiment, parse_experiment
-from uapt.table.values import ExperimentError, TableError, field_path, lookup, split_path
+from uapt.table.spec import Metric, TableSpec, load_table_spec, parse_experiment
+from uapt.table.values import TableError, TableSpecError, field_path, lookup, split_path
 
 __all__ = [
     "Cell",
-    "Experiment",
-    "ExperimentError",
     "Metric",
     "Run",
     "Table",
     "TableError",
+    "TableSpec",
+    "TableSpecError",
     "build_table",
     "field_path",
     "grid",
-    "load_experiment",
     "load_runs",
+    "load_table_spec",
     "lookup",
     "main",
     "make_plots",

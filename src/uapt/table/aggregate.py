@@ -13,17 +13,17 @@ from uapt import bootstrap
 from uapt.records import Run
 from uapt.table.cells import Cell, Table, _count_text, _signed, _where, _where_row
 from uapt.table.intervals import _add_intervals, _ci_note
-from uapt.table.spec import Axis, Experiment
+from uapt.table.spec import Axis, TableSpec
 from uapt.table.values import (
     _MISSING,
     MISSING_TEXT,
     NONE_TEXT,
-    ExperimentError,
+    TableSpecError,
     _canon,
     _equal,
     _fmt_value,
-    _is_number,
     _sort_key,
+    is_number,
     lookup,
 )
 
@@ -62,7 +62,7 @@ def _pooling_note(where: str, runs: Sequence[Run]) -> str | None:
 
 
 def build_table(
-    exp: Experiment,
+    exp: TableSpec,
     runs: Sequence[Run],
     problems: Sequence[str] = (),
     ci: bootstrap.Settings | None = None,
@@ -70,7 +70,7 @@ def build_table(
     """Aggregate the selected runs into the experiment's grid (all the arithmetic lives here);
     `ci`: level, draws and seed of the deltas' intervals (default 95 %, 10000, 0).
 
-    Raises ExperimentError for a cell path no selected completed run has, TableError for paired
+    Raises TableSpecError for a cell path no selected completed run has, TableError for paired
     runs that share no eval sample."""
     notes: list[str] = []
     selected, seen = [], {}
@@ -153,16 +153,16 @@ def _add_deltas(table: Table) -> None:
             cell.delta = cell.mean - ref.mean  # type: ignore[operator]
 
 
-def _check_metrics(exp: Experiment, done: Sequence[Run]) -> None:
+def _check_metrics(exp: TableSpec, done: Sequence[Run]) -> None:
     """A cell path that no selected completed run has (a typo, or a metric the runs never
     computed) is an error naming the key, not a table of "missing"."""
     if not done:
         return  # nothing has finished yet: cells read "missing (n running)", not an error
     for metric in exp.cells:
         for path in metric.paths:
-            if not any(_is_number(lookup(r.data, path)) for r in done):
+            if not any(is_number(lookup(r.data, path)) for r in done):
                 loc = f"{exp.path}:{metric.line}" if metric.line else str(exp.path)
-                raise ExperimentError(
+                raise TableSpecError(
                     f"{loc}: {metric.where}: unknown metric {_dotted(path)!r}: none of the "
                     f"{len(done)} completed run(s) selected by `runs` has it{_nearby(path, done)}"
                 )

@@ -11,7 +11,7 @@ from typing import Any
 
 from uapt import bootstrap
 from uapt.records import Run
-from uapt.table.spec import Experiment
+from uapt.table.spec import TableSpec
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Cell:
 
 @dataclass
 class Table:
-    experiment: Experiment
+    experiment: TableSpec
     rows: list[tuple[Any, ...]]
     columns: list[Any]
     cells: dict[tuple[tuple[Any, ...], str, Any], Cell]
@@ -62,10 +62,10 @@ def _signed(x: float, decimals: int) -> str:
     return "+" + text[1:] if float(text) == 0 else text
 
 
-def _where(exp: Experiment, rk: tuple[Any, ...], ck: Any) -> str:
+def _where(exp: TableSpec, rk: tuple[Any, ...], ck: Any) -> str:
     parts = [a.display(k) for a, k in zip(exp.rows, rk, strict=True)]
     return " / ".join([*parts, exp.column.display(ck)])
 
 
-def _where_row(exp: Experiment, rk: tuple[Any, ...]) -> str:
+def _where_row(exp: TableSpec, rk: tuple[Any, ...]) -> str:
     return " / ".join(a.display(k) for a, k in zip(exp.rows, rk, strict=True)) or "(all)"

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from uapt import bootstrap
+from uapt import bootstrap, files
 from uapt.records import load_runs
 from uapt.table.aggregate import build_table
 from uapt.table.plots import make_plots
 from uapt.table.render import render, to_rich, to_text
-from uapt.table.spec import load_experiment
-from uapt.table.values import FORMATS, ExperimentError, TableError
+from uapt.table.spec import load_table_spec
+from uapt.table.values import FORMATS, TableError, TableSpecError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        exp = load_experiment(args.experiment)
-    except ExperimentError as e:
+        exp = load_table_spec(args.experiment)
+    except TableSpecError as e:
         print(f"uapt-table: error: {e}", file=sys.stderr)
         return 2
     dirs = args.runs or [Path("runs")]
@@ -119,12 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = build_table(
             exp, runs, problems, bootstrap.Settings(args.ci, args.bootstrap, args.seed)
         )
-    except (ExperimentError, TableError) as e:
+    except (TableSpecError, TableError) as e:
         print(f"uapt-table: error: {e}", file=sys.stderr)
         return 2
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(render(table, args.format))
+        files.write_text(args.output, render(table, args.format))  # atomic: never half a table
         print(f"wrote {args.output}", file=sys.stderr)
     elif args.format == "rich":
         from rich.console import Console

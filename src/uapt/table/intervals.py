@@ -14,7 +14,7 @@ from uapt import bootstrap, files
 from uapt.evaluation import outcomes
 from uapt.records import Run
 from uapt.table.cells import Cell, Table, _where, _where_row
-from uapt.table.spec import Experiment, Metric
+from uapt.table.spec import Metric, TableSpec
 from uapt.table.values import _MISSING, MARK, TableError, _canon, _fmt_value, _sort_key, lookup
 
 # Why an interval resamples seeds only (uapt.bootstrap.paired_seeds) rather than samples too.
@@ -187,7 +187,7 @@ def _interval(
 
 
 def _pair_seeds(
-    exp: Experiment, cell: Cell, ck: Any, ref: Cell
+    exp: TableSpec, cell: Cell, ck: Any, ref: Cell
 ) -> tuple[list[tuple[Any, int, int]], str]:
     """(seed, index in cell, index in ref) for every seed that each cell has exactly once, in
     seed order; and what the pairing leaves out (unpaired or repeated seeds), or ""."""

@@ -14,8 +14,8 @@ from typing import Any
 from uapt.records import Run
 from uapt.table.aggregate import _pooling_note
 from uapt.table.cells import Cell
-from uapt.table.spec import Experiment, Metric, PlotSpec
-from uapt.table.values import _MISSING, _canon, _fmt_value, _is_number, _sort_key, lookup
+from uapt.table.spec import Metric, PlotSpec, TableSpec
+from uapt.table.values import _MISSING, _canon, _fmt_value, _sort_key, is_number, lookup
 
 _AXIS_LABELS = {"mask_ratio": "mask ratio ρ", "distill_weight": "distill weight λ"}
 
@@ -31,7 +31,7 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
 
 
 def make_plots(
-    exp: Experiment, runs: Sequence[Run], outdir: str | Path
+    exp: TableSpec, runs: Sequence[Run], outdir: str | Path
 ) -> tuple[list[Path], list[str]]:
     """Draw the experiment's plots from its completed runs; return written files and notes."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state (renders with Agg)
@@ -100,7 +100,7 @@ def _draw_sweep(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str])
         r
         for r in runs
         if metric.value(r.data) is not None
-        and _is_number(lookup(r.data, x_path))
+        and is_number(lookup(r.data, x_path))
         and spec.by.key(r.data) is not _MISSING
     ]
     if not usable:
@@ -156,7 +156,7 @@ def _curve(run: Run, key: str) -> dict[int, float]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill: the rest of the file still counts
         value = row.get(key) if isinstance(row, dict) else None
-        if _is_number(value) and math.isfinite(value) and _is_number(row.get("step")):
+        if is_number(value) and math.isfinite(value) and is_number(row.get("step")):
             points[int(row["step"])] = float(value)
     return points
 

@@ -10,7 +10,7 @@ from typing import Any
 from uapt import bootstrap
 from uapt.table.cells import Cell, Table, _count_text, _signed
 from uapt.table.spec import Metric
-from uapt.table.values import FORMATS, MARK, MISSING_TEXT, NONE_TEXT, _is_number
+from uapt.table.values import FORMATS, MARK, MISSING_TEXT, NONE_TEXT, is_number
 
 
 def _cell_text(cell: Cell, metric: Metric, show_n: bool) -> str:
@@ -224,7 +224,7 @@ def _csv_ci(
 def _csv_key(key: Any) -> str:
     if key is None:
         return ""
-    return format(key, ".10g") if _is_number(key) else str(key)
+    return format(key, ".10g") if is_number(key) else str(key)
 
 
 def _rich_table(table: Table) -> Any:

@@ -1,4 +1,4 @@
-"""An experiment file (experiments/*.yaml, docs/tables.md) read and checked into an Experiment:
+"""An experiment file (experiments/*.yaml, docs/tables.md) read and checked into an TableSpec:
 which runs, laid out as which rows and columns, with which cell metrics, paper numbers and plots.
 Every error names the file, the line and the key."""
 
@@ -16,16 +16,16 @@ from uapt.table.values import (
     _MISSING,
     OPS,
     PLOT_KINDS,
-    ExperimentError,
+    TableSpecError,
     _canon,
     _equal,
     _fmt_value,
-    _is_number,
     _line_of,
     _Loader,
     _sort_key,
     _YamlProblem,
     field_path,
+    is_number,
     lookup,
     split_path,
 )
@@ -50,7 +50,7 @@ def _apply(op: str, value: Any, arg: Any) -> bool:
         return any(_equal(value, a) for a in arg)
     if op == "not_in":
         return not any(_equal(value, a) for a in arg)
-    if not _is_number(value):
+    if not is_number(value):
         return False
     return {"gt": value > arg, "ge": value >= arg, "lt": value < arg, "le": value <= arg}[op]
 
@@ -127,7 +127,7 @@ class Metric:
 
     def _mean(self, record: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> float | None:
         values = [lookup(record, p) for p in paths]
-        if not all(_is_number(v) and math.isfinite(v) for v in values):
+        if not all(is_number(v) and math.isfinite(v) for v in values):
             return None
         return self.scale * sum(values) / len(values)
 
@@ -156,7 +156,11 @@ class PlotSpec:
 
 
 @dataclass(frozen=True)
-class Experiment:
+class TableSpec:
+    """One experiment file (experiments/<name>.yaml): which runs, rows, columns, cells, baseline,
+    paper numbers and plots make a study's table. "Experiment" in uapt names a study: its runs
+    share `experiment=<name>` (their W&B group), and its table is this file."""
+
     path: Path
     title: str
     description: str | None
@@ -174,14 +178,14 @@ class Experiment:
 
 
 class _Checker:
-    """Raises ExperimentError as `file:line: key: message`."""
+    """Raises TableSpecError as `file:line: key: message`."""
 
     def __init__(self, file: Path):
         self.file = file
 
     def fail(self, where: str, message: str, line: int | None = None) -> NoReturn:
         loc = f"{self.file}:{line}" if line else str(self.file)
-        raise ExperimentError(f"{loc}: {where}: {message}")
+        raise TableSpecError(f"{loc}: {where}: {message}")
 
     def keys(
         self,
@@ -252,7 +256,7 @@ class _Checker:
                     )
                 if op in ("in", "not_in") and not isinstance(arg, list):
                     self.fail(f"{where}.{op}", "expected a list", op_line)
-                if op in ("gt", "ge", "lt", "le") and not _is_number(arg):
+                if op in ("gt", "ge", "lt", "le") and not is_number(arg):
                     self.fail(f"{where}.{op}", "expected a number", op_line)
                 tests.append((op, tuple(arg) if isinstance(arg, list) else arg))
             if not tests:
@@ -333,7 +337,7 @@ class _Checker:
                 for i, p in enumerate(raw)
             )
         scale = node.get("scale", 1)
-        if not _is_number(scale) or scale == 0:
+        if not is_number(scale) or scale == 0:
             self.fail(f"{where}.scale", "expected a non-zero number", _line_of(node, "scale"))
         decimals = node.get("decimals", 1)
         if not isinstance(decimals, int) or isinstance(decimals, bool) or not 0 <= decimals <= 10:
@@ -344,23 +348,23 @@ class _Checker:
         return Metric(label, paths, float(scale), decimals, f"{where}.{key}", _line_of(node, key))
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment file; raise ExperimentError naming file, line and key."""
+def load_table_spec(path: str | Path) -> TableSpec:
+    """Read and validate an experiment file; raise TableSpecError naming file, line and key."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ExperimentError(f"{path}: cannot read ({e.strerror})") from None
+        raise TableSpecError(f"{path}: cannot read ({e.strerror})") from None
     try:
         doc = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
     except _YamlProblem as e:
-        raise ExperimentError(f"{path}:{e.line}: {e}") from None
+        raise TableSpecError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
-        raise ExperimentError(f"{path}: invalid YAML: {e}") from None
+        raise TableSpecError(f"{path}: invalid YAML: {e}") from None
     return parse_experiment(doc, path)
 
 
-def parse_experiment(doc: Any, path: Path) -> Experiment:
+def parse_experiment(doc: Any, path: Path) -> TableSpec:
     c = _Checker(path)
     top = (
         "title",
@@ -428,7 +432,7 @@ def parse_experiment(doc: Any, path: Path) -> Experiment:
         c.fail("base", "expected true or false", _line_of(doc, "base"))
     paper = _parse_paper(c, doc, rows, cells)
     plots = _parse_plots(c, doc, cells, column)
-    return Experiment(
+    return TableSpec(
         path, title, description, tuple(filters), rows, column, cells, baseline, base, paper, plots
     )
 
@@ -466,7 +470,7 @@ def _parse_paper(
         if ("value" in item) == ("delta" in item):
             c.fail(w, "give exactly one of value (absolute) or delta (with vs)", line)
         number_key = "value" if "value" in item else "delta"
-        if not _is_number(item[number_key]):
+        if not is_number(item[number_key]):
             c.fail(f"{w}.{number_key}", "expected a number", _line_of(item, number_key))
         if ("delta" in item) != ("vs" in item):
             c.fail(w, "vs (the column the delta is measured against) goes with delta", line)

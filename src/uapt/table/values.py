@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from uapt.schema import is_number
+
 FORMATS = ("rich", "markdown", "csv", "latex")
 
 PLOT_KINDS = ("mask_ratio", "distill_weight", "id_vs_ood", "curve")
@@ -25,7 +27,7 @@ NONE_TEXT = "—"  # an em dash: "not applicable" / "no std for n = 1"
 MARK = "*"  # on a delta whose interval excludes 0
 
 
-class ExperimentError(ValueError):
+class TableSpecError(ValueError):
     """A bad experiment file; the message names the file, line and key."""
 
 
@@ -102,13 +104,9 @@ def _line_of(container: Any, key: Any) -> int | None:
     return None
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
 def _canon(v: Any) -> Any:
     """A hashable key for a record value; numbers rounded so YAML 0.1 equals JSON 0.1."""
-    if _is_number(v):
+    if is_number(v):
         return float(round(float(v), 10))
     if isinstance(v, list | tuple):
         return tuple(_canon(x) for x in v)
@@ -118,7 +116,7 @@ def _canon(v: Any) -> Any:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    if _is_number(a) and _is_number(b):
+    if is_number(a) and is_number(b):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     if isinstance(a, bool) != isinstance(b, bool):
         return False
@@ -126,7 +124,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
-    if _is_number(v):
+    if is_number(v):
         return (0, v)
     if isinstance(v, str):
         return (1, v)
@@ -140,7 +138,7 @@ def _fmt_value(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return "true" if v else "false"
-    if _is_number(v):
+    if is_number(v):
         return f"{v:g}"
     return str(v)
 
