@@ -58,6 +58,32 @@ def compose(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def uapt_trainer(cfg: Mapping[str, Any], *, parallel: bool = False) -> tuple[Any, Any]:
+    """uapt's own Trainer for one composed config and the pieces it was built from, made by
+    uapt.train as a run makes them: the initial weights seeded by the run seed, so every variant
+    starts equal. `parallel`: also uapt.train.parallelize (which applies trainer.compile)."""
+    from uapt import distributed
+    from uapt.config import validate
+    from uapt.train import (
+        build,
+        data_stream,
+        make_trainer,
+        parallelize,
+        pick_device,
+        seed_everything,
+    )
+
+    run = validate(cfg)
+    world = distributed.World()
+    device = pick_device(run.trainer.device, world)
+    seed_everything(run.seed, run.trainer.deterministic)
+    parts = build(run, device, world)
+    stream = data_stream(run, parts, world)
+    if parallel:
+        parallelize(run, parts, device, world)
+    return make_trainer(run, parts, stream, device, world), parts
+
+
 def option_available(overrides: Sequence[str]) -> tuple[bool, str]:
     """Whether these overrides compose and validate: (True, "") or (False, why not)."""
     from uapt.config import validate

@@ -35,6 +35,7 @@ from common import (
     set_threads,
     setup_env,
     table,
+    uapt_trainer,
     write_json,
 )
 
@@ -48,10 +49,6 @@ QUICK = {"tiny": (4, 1, 2)}
 
 
 def loop_for(model: str, objective: list[str], batch: int, scope_size: int | None):
-    from uapt import distributed
-    from uapt.config import validate
-    from uapt.train import build, data_stream, make_trainer, pick_device, seed_everything
-
     size = "null" if scope_size is None else str(scope_size)
     cfg = compose(
         [
@@ -64,12 +61,7 @@ def loop_for(model: str, objective: list[str], batch: int, scope_size: int | Non
             f"trainer.micro_batch_size={batch // 2}",
         ]
     )
-    cfg = validate(cfg)
-    world = distributed.World()
-    device = pick_device(cfg.trainer.device, world)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    parts = build(cfg, device, world)
-    return make_trainer(cfg, parts, data_stream(cfg, parts, world), device, world)
+    return uapt_trainer(cfg)[0]
 
 
 def measure(model: str, batch: int, warmup: int, rounds: int) -> tuple[list[dict], str]:

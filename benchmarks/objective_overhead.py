@@ -37,6 +37,7 @@ from common import (
     set_threads,
     setup_env,
     table,
+    uapt_trainer,
     write_json,
 )
 
@@ -71,19 +72,8 @@ def run_overrides(model: str, extra: list[str]) -> list[str]:
 
 
 def make_loop(cfg: dict[str, Any]):
-    """uapt's own Trainer for one config, its pieces built by uapt.train.build (as a run does).
-
-    Every build seeds the initial weights with the run seed, so all variants start equal."""
-    from uapt import distributed
-    from uapt.config import validate
-    from uapt.train import build, data_stream, make_trainer, pick_device, seed_everything
-
-    cfg = validate(cfg)
-    world = distributed.World()
-    device = pick_device(cfg.trainer.device, world)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    parts = build(cfg, device, world)
-    return make_trainer(cfg, parts, data_stream(cfg, parts, world), device, world)
+    """uapt's own Trainer for one config (common.uapt_trainer: all variants start equal)."""
+    return uapt_trainer(cfg)[0]
 
 
 def step_level(

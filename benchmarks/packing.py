@@ -43,6 +43,7 @@ from common import (
     set_threads,
     setup_env,
     table,
+    uapt_trainer,
     write_json,
 )
 
@@ -68,17 +69,6 @@ def gsm8k_overrides(model: str) -> list[str]:
 
 
 def loop_for(model: str, objective: str, extra: list[str]):
-    from uapt import distributed
-    from uapt.config import validate
-    from uapt.train import (
-        build,
-        data_stream,
-        make_trainer,
-        parallelize,
-        pick_device,
-        seed_everything,
-    )
-
     cfg = compose(
         [
             f"model={model}",
@@ -91,14 +81,7 @@ def loop_for(model: str, objective: str, extra: list[str]):
             *extra,
         ]
     )
-    cfg = validate(cfg)
-    world = distributed.World()
-    device = pick_device(cfg.trainer.device, world)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    parts = build(cfg, device, world)
-    stream = data_stream(cfg, parts, world)
-    parallelize(cfg, parts, device, world)  # applies trainer.compile
-    return make_trainer(cfg, parts, stream, device, world)
+    return uapt_trainer(cfg, parallel=True)[0]  # parallelize applies trainer.compile
 
 
 def measure_packing(model: str, warmup: int, rounds: int, budget: int | None) -> list[dict]:

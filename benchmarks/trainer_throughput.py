@@ -38,6 +38,7 @@ from common import (
     set_threads,
     setup_env,
     table,
+    uapt_trainer,
     write_json,
 )
 
@@ -66,19 +67,11 @@ def run_overrides(model: str, extra: list[str]) -> list[str]:
 
 
 def uapt_loop(cfg: dict[str, Any]):
-    """uapt's Trainer with its pieces from uapt.train.build, as a run builds them."""
-    from uapt import distributed
-    from uapt.config import validate
-    from uapt.train import build, data_stream, make_trainer, pick_device, seed_everything
-
-    cfg = validate(cfg)
-    world = distributed.World()
-    device = pick_device(cfg.trainer.device, world)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    parts = build(cfg, device, world)
-    if cfg.trainer.accumulation(1) != 1:
+    """uapt's Trainer with its pieces (common.uapt_trainer), without gradient accumulation."""
+    trainer, parts = uapt_trainer(cfg)
+    if trainer.trainer.accumulation(1) != 1:
         raise ValueError("trainer_throughput compares without gradient accumulation")
-    return make_trainer(cfg, parts, data_stream(cfg, parts, world), device, world), parts
+    return trainer, parts
 
 
 def stream_rows(stream, batches: range) -> list[dict[str, list[int]]]:
