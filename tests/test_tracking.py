@@ -4,9 +4,12 @@ table run (offline `.wandb` record logs, read by tests/wandb_records.py), the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -349,15 +352,40 @@ def test_workspace_offline_is_written_for_later_in_one_line(tmp_path):
 # --------------------------------------------------------------------------- W&B failures
 
 
-def cli(module: str, *args: str, extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+def cli(
+    module: str, *args: str, extra_env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
         env={**env(), **extra_env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+class Refuse(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(401, "no such key")
+
+    do_POST = do_GET
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+@contextlib.contextmanager
+def refusing_server():
+    """A local HTTP server answering 401 to everything: a W&B server that knows no key."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_unreachable_server_is_one_warning_and_everything_goes_on(study, tmp_path):
@@ -389,9 +417,13 @@ def test_an_unreachable_server_is_one_warning_and_everything_goes_on(study, tmp_
         assert line.startswith("W&B workspace for group demo not saved (") and str(out) in line
         check_demo_workspace(read_workspace(out))
 
-    proc = cli("uapt.wandb_report", "--save", str(out), extra_env=online)
-    assert proc.returncode == 1
-    assert proc.stderr.splitlines()[-1].startswith(f"uapt-workspace: error: {out} not saved: ")
+    with refusing_server() as url:  # no server, then a server that refuses every request
+        for server in (UNREACHABLE["WANDB_BASE_URL"], url):
+            extra = {**online, "WANDB_BASE_URL": server}
+            proc = cli("uapt.wandb_report", "--save", str(out), extra_env=extra, timeout=60)
+            assert proc.returncode == 1
+            (line,) = proc.stderr.splitlines()
+            assert line.startswith(f"uapt-workspace: error: {out} not saved: "), line
     leaked = [
         p for p in tmp_path.rglob("*") if p.is_file() and PLACEHOLDER_KEY in p.read_text("latin-1")
     ]

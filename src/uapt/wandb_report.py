@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
 import unicodedata
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -355,11 +357,31 @@ def api_timeout() -> float:
         return DEFAULT_API_TIMEOUT_S
 
 
+def server_url() -> str:
+    """The W&B server wandb.Api would talk to (WANDB_BASE_URL, the settings file, the default)."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    return wandb.env.get_base_url(wandb_setup.singleton().settings.base_url)
+
+
+def check_server_reachable(url: str, timeout: float) -> None:
+    """Refuse, in `timeout` seconds, a server that does not accept a connection. wandb.Api would
+    start wandb-core, which keeps retrying and can hold the process at exit for minutes."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"W&B server {url} unreachable ({one_line(e)})") from None
+
+
 def save_workspace(workspace: Workspace) -> str:
     """Save the view to the W&B server; returns its URL. Raises when no server or credentials."""
     import wandb
 
-    api = wandb.Api(timeout=api_timeout())  # fails here, in bounded time, when unreachable
+    check_server_reachable(server_url(), api_timeout())
+    api = wandb.Api(timeout=api_timeout())  # fails here, in bounded time, on bad credentials
     if not workspace.entity:
         workspace.entity = api.default_entity
     workspace.save()
