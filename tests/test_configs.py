@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from uapt.config import ConfigError, validate
 
@@ -120,3 +120,28 @@ def test_a_mistyped_option_of_the_sweeps_groups_is_an_error(group):
 
     with pytest.raises(MissingConfigException, match=rf"Could not find '{group}/no_such_option'"):
         compose_plain([f"{group}=no_such_option"])
+
+
+@pytest.mark.parametrize("tuned", group_options("tuned"))
+def test_every_tuned_point_composes_at_its_tuned_values(tuned, tmp_path):
+    """A shipped tuning result (sweeps/tuned/) gives each point of its grid the value its study
+    chose, resolved through the point's config-group choice as `uapt-train` resolves it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    doc = OmegaConf.to_container(OmegaConf.load(FOLDERS["tuned"] / f"{tuned}.yaml"))
+    (group,) = doc["tuned"]["grid"]  # the shipped studies search one group (variant)
+    lrs = doc["tuned"]["values"]["trainer"]["lr"]
+    assert set(lrs) == set(doc["tuned"]["best"]) and set(lrs) <= set(group_options(group))
+    for point, lr in lrs.items():
+        overrides = [f"tuned={tuned}", f"{group}={point}", f"runs_dir={tmp_path}"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # what @hydra.main does before resolving
+        try:
+            with open_dict(cfg):
+                del cfg["hydra"]  # the run's config, as the job sees it
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        finally:
+            HydraConfig.instance().cfg = None  # leave no Hydra state to the next test
+        assert plain["trainer"]["lr"] == lr == doc["tuned"]["best"][point]["trainer.lr"]
+        validate(plain)
