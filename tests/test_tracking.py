@@ -22,6 +22,7 @@ from uapt.table.render import _md_escape
 from uapt.tracking import log_eval_results, one_line, tags
 from uapt.wandb_report import (
     build_workspace,
+    first_hop,
     read_workspace,
     study_target,
     table_run_id,
@@ -69,7 +70,12 @@ plots:
     y: val loss
 """
 # A W&B server that is not there: a closed port on this machine, and W&B's timeouts short.
-UNREACHABLE = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "3"}
+UNREACHABLE = {
+    "WANDB_BASE_URL": "http://127.0.0.1:9",
+    "WANDB_INIT_TIMEOUT": "3",
+    "NO_PROXY": "127.0.0.1",  # a machine's HTTP proxy must not stand in for the missing server
+    "no_proxy": "127.0.0.1",
+}
 PLACEHOLDER_KEY = "0" * 40  # a well-formed key that no server knows; not a credential
 
 
@@ -386,6 +392,23 @@ def refusing_server():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("proxies", "expected"),
+    [
+        ({}, ("api.wandb.ai", 443)),
+        ({"HTTPS_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+        ({"HTTPS_PROXY": "proxy.example:3128", "NO_PROXY": "wandb.ai"}, ("api.wandb.ai", 443)),
+    ],
+)
+def test_the_reachability_probe_connects_where_requests_would(monkeypatch, proxies, expected):
+    """Behind a proxy the probe tries the proxy (a direct connection may be blocked there)."""
+    for var in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in proxies.items():
+        monkeypatch.setenv(var, value)
+    assert first_hop("https://api.wandb.ai") == expected
 
 
 def test_an_unreachable_server_is_one_warning_and_everything_goes_on(study, tmp_path):

@@ -18,6 +18,7 @@ import socket
 import sys
 import tempfile
 import unicodedata
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -365,15 +366,26 @@ def server_url() -> str:
     return wandb.env.get_base_url(wandb_setup.singleton().settings.base_url)
 
 
-def check_server_reachable(url: str, timeout: float) -> None:
-    """Refuse, in `timeout` seconds, a server that does not accept a connection. wandb.Api would
-    start wandb-core, which keeps retrying and can hold the process at exit for minutes."""
+def first_hop(url: str) -> tuple[str, int]:
+    """Host and port a request to `url` connects to: the proxy of its scheme (HTTPS_PROXY, ...)
+    unless the host is exempt (NO_PROXY), else the server itself."""
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_server_reachable(url: str, timeout: float) -> None:
+    """Refuse, in `timeout` seconds, a server (or its proxy) that accepts no connection. wandb.Api
+    would start wandb-core, which keeps retrying and can hold the process at exit for minutes."""
+    host, port = first_hop(url)
     try:
-        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise ConnectionError(f"W&B server {url} unreachable ({one_line(e)})") from None
+        raise ConnectionError(
+            f"W&B server {url} unreachable via {host}:{port} ({one_line(e)})"
+        ) from None
 
 
 def save_workspace(workspace: Workspace) -> str:
