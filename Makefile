@@ -47,7 +47,7 @@ demo: setup
 	$(BIN)/uapt-table experiments/demo.yaml --runs runs --plot runs/plots/demo
 
 # Test files run in parallel, one file per worker (their module fixtures stay whole), each worker
-# on one thread so that workers do not contend for the cores (measured: 11.5 min on 2 cores, 20.5
+# on one thread so that workers do not contend for the cores (measured: 12 min on 2 idle cores, 20.5
 # serially). TEST_WORKERS=1 runs them one after another.
 TEST_WORKERS ?= 2
 test: setup slurm-packages
