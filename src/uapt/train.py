@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from uapt.config import RunConfig, validate
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
+from uapt.evaluation import outcomes
 from uapt.loop import (
     Interrupted,
     Trainer,
@@ -194,15 +196,17 @@ def model_source(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def base_model_scores(cfg: RunConfig, parts: Components, device: torch.device) -> dict:
-    """The initial model's suite scores, from the cache or evaluated now (before any step)."""
+    """The initial model's suite scores and per-sample outcomes, from the cache or evaluated now
+    (before any step)."""
     suite = cfg.plain["eval"]  # as written: the base-score cache is keyed by it
+
+    def evaluate() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = evaluate_phase("the initial model", parts, suite, device, out_dir=Path(tmp))
+            return {**result, "outcomes": outcomes.read_lines(Path(tmp)) or []}
+
     return evaluation.base_scores(
-        cfg.model,
-        suite,
-        cfg.cache_dir,
-        init_seed=cfg.seed,
-        inputs=cfg.inputs,
-        evaluate_fn=lambda: evaluate_phase("the initial model", parts, suite, device),
+        cfg.model, suite, cfg.cache_dir, init_seed=cfg.seed, inputs=cfg.inputs, evaluate_fn=evaluate
     )
 
 
@@ -291,6 +295,8 @@ def evaluate_run(
         return
     result["eval_base"] = base.get("eval", {})
     result["eval_delta"] = evaluation.score_delta(result["eval"], result["eval_base"])
+    if base.get("outcomes"):  # the base model's, beside the run's own: paired by sample
+        outcomes.write(folder, base["outcomes"], outcomes.BASE_FILE)
     timings = {**record.data["timings"], "eval_s": round(time.perf_counter() - started, 2)}
     record.update(**result, timings=timings)
     tracker.log_eval(result)

@@ -11,7 +11,15 @@ from typing import Any
 
 from uapt import bootstrap
 from uapt.records import Run
-from uapt.table.cells import Cell, Table, _count_text, _signed, _where, _where_row
+from uapt.table.cells import (
+    Cell,
+    Table,
+    _count_text,
+    _signed,
+    _where,
+    _where_row,
+    reference_cell,
+)
 from uapt.table.intervals import _add_intervals, _ci_note
 from uapt.table.spec import Axis, TableSpec
 from uapt.table.values import (
@@ -144,12 +152,12 @@ def _row_order(
 
 
 def _add_deltas(table: Table) -> None:
-    base_col = table.experiment.baseline
-    if base_col is None:
+    exp = table.experiment
+    if exp.baseline is None:
         return
     for (rk, label, ck), cell in table.cells.items():
-        ref = table.cells.get((rk, label, base_col))
-        if ck != base_col and ref is not None and cell.n and ref.n:
+        ref = reference_cell(table, (rk, label, ck))
+        if ck != exp.baseline and ref is not None and cell.n and ref.n:
             cell.delta = cell.mean - ref.mean  # type: ignore[operator]
 
 
@@ -266,7 +274,9 @@ def _add_notes(
             f"Mean ± sample std (ddof=1) over seeds; [n=k]: seeds in the cell; "
             f"± {NONE_TEXT} where n = 1."
         )
-    if exp.baseline is not None:
+    if exp.against_base:
+        notes.append("(±Δ): difference to the base model (eval_base of the same runs).")
+    elif exp.baseline is not None:
         notes.append(f"(±Δ): difference to the {exp.column.display(exp.baseline, True)} column.")
         if any(c.ci is not None for c in table.cells.values()):
             notes.append(_ci_note(table.ci))

@@ -69,3 +69,21 @@ def _where(exp: TableSpec, rk: tuple[Any, ...], ck: Any) -> str:
 
 def _where_row(exp: TableSpec, rk: tuple[Any, ...]) -> str:
     return " / ".join(a.display(k) for a, k in zip(exp.rows, rk, strict=True)) or "(all)"
+
+
+def reference_cell(table: Table, where: tuple[tuple[Any, ...], str, Any]) -> Cell | None:
+    """What a cell's delta is taken against: the baseline column's cell in the same row, or with
+    `baseline: base` the cell's own runs read as the base model (their eval_base scores; a run
+    without one leaves the cell without a delta)."""
+    exp, (rk, label, _) = table.experiment, where
+    if not exp.against_base:
+        return table.cells.get((rk, label, exp.baseline))
+    metric = next(m for m in exp.cells if m.label == label)
+    cell = table.cells[where]
+    ref = Cell(runs=list(cell.runs))
+    for run in cell.runs:
+        value = metric.base_value(run.data)
+        if value is None:
+            return Cell()
+        ref.values.append(value)
+    return ref
