@@ -11,6 +11,8 @@ from typing import NoReturn
 
 from uapt import bootstrap, files
 from uapt.records import load_runs
+from uapt.table.adjust import DEFAULT as DEFAULT_ADJUST
+from uapt.table.adjust import METHODS as ADJUSTMENTS
 from uapt.table.aggregate import build_table
 from uapt.table.plots import make_plots
 from uapt.table.render import render, to_rich, to_text
@@ -97,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seed of the bootstrap draws; the same seed gives the same table (default 0)",
     )
     parser.add_argument(
+        "--adjust",
+        choices=tuple(ADJUSTMENTS),
+        default=DEFAULT_ADJUST,
+        help="multiple-comparison adjustment of the deltas' marks over the whole table: holm "
+        "(family-wise error), bh (Benjamini-Hochberg, false discovery rate) or none "
+        f"(default {DEFAULT_ADJUST})",
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="also log the table and plots to W&B: a run of job type `table` in the runs' group",
@@ -116,9 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     runs, problems = load_runs(dirs)
     try:
-        table = build_table(
-            exp, runs, problems, bootstrap.Settings(args.ci, args.bootstrap, args.seed)
-        )
+        settings = bootstrap.Settings(args.ci, args.bootstrap, args.seed)
+        table = build_table(exp, runs, problems, settings, args.adjust)
     except (TableSpecError, TableError) as e:
         print(f"uapt-table: error: {e}", file=sys.stderr)
         return 2
