@@ -202,7 +202,7 @@ def tree_diff(state: TreeState) -> tuple[bytes | None, tuple[dict[str, Any], ...
     """(the patch from state.commit to the working tree, the untracked files left out of it).
 
     Untracked files enter the patch through a copy of the index in which they are marked
-    intent-to-add: the user's index and object store are not touched."""
+    intent-to-add, with a scratch object store: the user's index and objects are not touched."""
     if state.root is None or not state.dirty:
         return None, ()
     root = state.root
@@ -214,8 +214,13 @@ def tree_diff(state: TreeState) -> tuple[bytes | None, tuple[dict[str, Any], ...
         elif path.is_file():
             small.append(name)
     with tempfile.TemporaryDirectory(prefix="uapt-provenance-") as tmp:
-        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        own = Path(_git(root, "rev-parse", "--path-format=absolute", "--git-path", "index").strip())
+        own, objects = (_git_path(root, name) for name in ("index", "objects"))
+        env = {  # a scratch index and object store (the real one read through as an alternate)
+            "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+            "GIT_OBJECT_DIRECTORY": str(Path(tmp) / "objects"),
+            "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects),
+        }
+        Path(env["GIT_OBJECT_DIRECTORY"]).mkdir()
         if own.is_file():
             shutil.copyfile(own, env["GIT_INDEX_FILE"])
         else:
@@ -225,6 +230,10 @@ def tree_diff(state: TreeState) -> tuple[bytes | None, tuple[dict[str, Any], ...
             _run(root, add, env, "\0".join(small).encode("utf-8", "surrogateescape"))
         diff = _run(root, [*DIFF_ARGS, "HEAD"], env)
     return diff or None, tuple(not_saved)
+
+
+def _git_path(root: Path, name: str) -> Path:
+    return Path(_git(root, "rev-parse", "--path-format=absolute", "--git-path", name).strip())
 
 
 def _sha(path: Path) -> str:
@@ -238,13 +247,22 @@ def _sha(path: Path) -> str:
 # ----------------------------------------------------------------------------- the command line
 def command_line(argv: Sequence[str] | None = None) -> tuple[str, ...]:
     """The command as typed: the launcher's when a sweep or torchrun started this process, the
-    program by its name only (its folder is this machine's), the home folder as `~`."""
+    program by its name only (`uapt-train`, `python -m uapt.train`; its folder is this
+    machine's), the home folder as `~`."""
     if argv is None:
         inherited = os.environ.get(ARGV_ENV)
-        argv = json.loads(inherited) if inherited else sys.argv
+        argv = json.loads(inherited) if inherited else typed_argv()
     if not argv:
         return ()
     return (Path(argv[0]).name, *(publishable_text(str(a)) for a in argv[1:]))
+
+
+def typed_argv() -> list[str]:
+    """sys.argv, with `python -m <module>` as typed rather than the module's file."""
+    orig = list(getattr(sys, "orig_argv", []))
+    if len(orig) > 2 and orig[1] == "-m":
+        return ["python", "-m", orig[2], *sys.argv[1:]]
+    return list(sys.argv)
 
 
 def hydra_overrides() -> tuple[str, ...] | None:
@@ -258,7 +276,7 @@ def hydra_overrides() -> tuple[str, ...] | None:
 
 def hand_down_argv() -> None:
     """Keep this process's command line for the processes it launches (sweep jobs, ranks)."""
-    os.environ.setdefault(ARGV_ENV, json.dumps(sys.argv))
+    os.environ.setdefault(ARGV_ENV, json.dumps(typed_argv()))
 
 
 def snapshot(root: Path | None = None, state: TreeState | None = None) -> Snapshot:
@@ -267,7 +285,9 @@ def snapshot(root: Path | None = None, state: TreeState | None = None) -> Snapsh
     try:
         diff, not_saved = tree_diff(state)
     except (OSError, subprocess.SubprocessError) as e:  # the record says so rather than fail
-        log.warning("could not save the uncommitted changes of %s: %s", state.root, e)
+        why = getattr(e, "stderr", None) or b""
+        why = why.decode(errors="replace").strip() if isinstance(why, bytes) else str(why)
+        log.warning("could not save the uncommitted changes of %s: %s %s", state.root, e, why)
         diff, not_saved = None, ()
     return Snapshot(state, diff, not_saved, command_line(), hydra_overrides())
 

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -348,7 +347,9 @@ def relaunch(cfg: RunConfig, folder: Path, outcome: dict[str, Any]) -> dict[str,
         nproc = cfg.trainer.nproc
         log.info("launching %d processes with torchrun", nproc)
         env = {run_lock.INHERITED_ENV: str(claim.lock.path)} if claim.lock else {}
-        env[provenance.ARGV_ENV] = os.environ.get(provenance.ARGV_ENV) or json.dumps(sys.argv)
+        env[provenance.ARGV_ENV] = os.environ.get(provenance.ARGV_ENV) or json.dumps(
+            provenance.typed_argv()
+        )
         # the ranks must not move previous results again: this process did
         argv = [*hydra_overrides(), "hydra.mode=RUN", *(["force=false"] if cfg.force else [])]
         code = distributed.relaunch_with_torchrun(nproc, argv, env)
