@@ -286,3 +286,33 @@ def test_require_clean_exits_2_naming_the_files_and_writes_nothing(dirty_checkou
     assert "src/uapt/__init__.py" in out
     assert not runs.exists() and not (root.parent / "cache").exists()
     assert tree(root) == before and not (root / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_study_from_a_dirty_checkout_warns_once_and_its_diff_rebuilds_the_tree(
+    dirty_checkout, tmp_path
+):
+    root, run_env = dirty_checkout
+    runs = tmp_path / "runs"
+    args = [*TINY, "trainer.max_steps=1", "eval=none", f"runs_dir={runs}", "experiment=study"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "uapt.train", *args],
+        cwd=root,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if "from a dirty tree" in line]
+    assert len(warnings) == 1 and "notes.txt, src/uapt/__init__.py" in warnings[0]
+    (folder,) = runs.glob("tiny-*")
+    record = json.loads((folder / "run.json").read_text())
+    prov = record["provenance"]
+    assert prov["changed_files"] == ["notes.txt", "src/uapt/__init__.py"]
+    assert prov["argv"] == ["python", "-m", "uapt.train", *args]
+    assert record["git_commit"] == f"{prov['commit']}-dirty" and prov["branch"] == "main"
+    clone = checkout(root, prov["commit"], tmp_path / "clone")
+    git(clone, "apply", "--binary", str(folder / prov["diff_file"]))
+    assert tree(clone) == tree(root)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -90,7 +90,6 @@ class Snapshot:
     not_saved: tuple[dict[str, Any], ...] = ()
     argv: tuple[str, ...] = ()
     overrides: tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The record's `provenance` object (plain values)."""
@@ -117,7 +116,9 @@ DIFF_ARGS = ("diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv",
 DIFF_ARGS += ("--src-prefix=a/", "--dst-prefix=b/")
 
 
-def _run(root: Path, args: Sequence[str], env: Mapping[str, str] = {}, stdin: bytes = b"") -> bytes:
+def _run(
+    root: Path, args: Sequence[str], env: Mapping[str, str] | None = None, stdin: bytes = b""
+) -> bytes:
     """stdout of a git command in `root` (CalledProcessError/OSError when it fails). Optional
     locks off: reading the state must not rewrite the user's index."""
     return subprocess.run(
@@ -127,11 +128,11 @@ def _run(root: Path, args: Sequence[str], env: Mapping[str, str] = {}, stdin: by
         capture_output=True,
         timeout=_GIT_TIMEOUT_S,
         check=True,
-        env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", **env},
+        env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", **(env or {})},
     ).stdout
 
 
-def _git(root: Path, *args: str, env: Mapping[str, str] = {}) -> str:
+def _git(root: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     return _run(root, args, env).decode("utf-8", "surrogateescape")
 
 
