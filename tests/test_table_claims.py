@@ -86,7 +86,7 @@ def test_a_table_of_identical_runs_has_no_survivor(tmp_path, method):
     assert all(c.ci.p_value == 1.0 and c.p_adjusted == 1.0 for c in tested)
     md = to_markdown(table)
     assert "\\*" not in md.split("\n- ")[0]  # no delta marked
-    survive = "of 3 intervals that exclude 0" if method == "none" else "0 of 3 survive"
+    survive = "interval that excludes 0, 0 of 3;" if method == "none" else "0 of 3 survive"
     assert survive in md
 
 

@@ -275,9 +275,13 @@ def hydra_overrides() -> tuple[str, ...] | None:
     return tuple(publishable_text(o) for o in HydraConfig.get().overrides.task)
 
 
-def hand_down_argv() -> None:
-    """Keep this process's command line for the processes it launches (sweep jobs, ranks)."""
-    os.environ.setdefault(ARGV_ENV, json.dumps(typed_argv()))
+def hand_down_argv() -> bool:
+    """Keep this process's command line for the processes it launches (sweep jobs, ranks);
+    False when a launcher above it already did."""
+    if ARGV_ENV in os.environ:
+        return False
+    os.environ[ARGV_ENV] = json.dumps(typed_argv())
+    return True
 
 
 def snapshot(root: Path | None = None, state: TreeState | None = None) -> Snapshot:

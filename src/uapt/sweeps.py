@@ -16,6 +16,7 @@ works for in-process, local-parallel and SLURM launchers alike; the summary is r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,16 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_checkout(config)
-        provenance.hand_down_argv()  # every job's record keeps the sweep's command line
+        # every job's record keeps the sweep's command line (jobs in this process, or started
+        # by it: local processes, SLURM); forgotten at the end, for a process that goes on
+        self.handed_down = provenance.hand_down_argv()
         folder = outcomes_dir(config.hydra.sweep.dir)
         for stale in folder.glob("*.json"):
             stale.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if getattr(self, "handed_down", False):
+            os.environ.pop(provenance.ARGV_ENV, None)
         folder = outcomes_dir(config.hydra.sweep.dir)
         outcomes = [_read_outcome(p) for p in sorted(folder.glob("*.json"))]
         print(summarize(outcomes), flush=True)

@@ -87,14 +87,14 @@ def _notes(table: Table, cells: Sequence[Cell], alpha: float) -> list[str]:
         scope += f"; {untested} without one {'is' if untested == 1 else 'are'} not tested"
     if table.adjust == "none":
         return [
-            f"No adjustment for multiple comparisons (--adjust none): {MARK} marks each of "
-            f"{raw} of {m} intervals that exclude 0; at {100 * table.ci.level:g} % about "
+            f"No adjustment for multiple comparisons (--adjust none): {MARK} marks every interval "
+            f"that excludes 0, {raw} of {m}; at {100 * table.ci.level:g} % about "
             f"{alpha * m:.2g} of {m} would by chance alone if nothing differed."
         ]
     _, name, controls = METHODS[table.adjust]
     kept = sum(c.marked for c in cells)
     notes = [
-        f"{MARK} marks a delta whose {name}-adjusted p-value is <= {alpha:.3g} ({controls} over "
+        f"{MARK} marks a delta whose {name}-adjusted p-value is ≤ {alpha:.3g} ({controls} over "
         f"{scope}): {kept} of {m} survive; {raw} of {m} intervals exclude 0 without "
         "adjustment. The intervals are per comparison, not adjusted."
     ]

@@ -111,7 +111,7 @@ def _ci_note(ci: bootstrap.Settings) -> str:
         f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
         "each draw resamples the paired seeds, then the samples of each drawn seed (only the "
         "samples when one seed pairs). p: the two-sided p-value of Δ = 0 from the same draws, "
-        f"2 min(1 + #draws <= 0, 1 + #draws >= 0) / ({ci.draws} + 1), at most 1."
+        f"2 min(1 + #draws ≤ 0, 1 + #draws ≥ 0) / ({ci.draws} + 1), at most 1."
     )
 
 
