@@ -717,7 +717,8 @@ def test_an_unknown_metric_is_an_error_naming_the_key(tmp_path, capsys):
     ("option", "value"),
     [("--ci", "1.5"), ("--ci", "0"), ("--ci", "1"), ("--ci", "nan"), ("--ci", "high"),
      ("--bootstrap", "0"), ("--bootstrap", "-5"), ("--bootstrap", "2.5"),
-     ("--bootstrap", "1000001"), ("--seed", "-1"), ("--seed", "x")],
+     ("--bootstrap", "1000001"), ("--seed", "-1"), ("--seed", "x"), ("--adjust", "bonferroni"),
+     ("--adjust", "HOLM")],
 )  # fmt: skip
 def test_bad_interval_options_are_one_error_naming_the_option(option, value, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -13,7 +13,8 @@ a percentile interval of "cell minus baseline":
   kept): the paired per-seed differences are resampled; no interval under two seeds.
 
 The interval is the percentile interval of the draws (`percentile_interval`), with ends chosen
-so that swapping the two cells negates it exactly.
+so that swapping the two cells negates it exactly. The same draws give the two-sided p-value of
+"no difference" (`p_value`), which multiple-comparison adjustments (uapt.table) start from.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Interval:
     estimate: float  # the difference on the paired data itself (paired seeds, shared samples)
     method: str  # SAMPLES_AND_SEEDS, SAMPLES or SEEDS
     seeds: int  # paired seeds
+    p_value: float  # two-sided, from the same draws (p_value)
 
     @property
     def significant(self) -> bool:
@@ -243,6 +245,20 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, fl
     return float(lo) + 0.0, float(hi) + 0.0  # + 0.0: no "-0" for an interval at zero
 
 
+def p_value(replicates: np.ndarray) -> float:
+    """The two-sided bootstrap p-value of "no difference" from the draws r_1..r_B that make the
+    interval: p = min(1, 2 min(1 + #{r <= 0}, 1 + #{r >= 0}) / (B + 1)).
+
+    The +1 (the observed data counted as one more draw) keeps p >= 2 / (B + 1): a finite number
+    of draws cannot show a smaller one, and an adjustment must not treat 0 as exact. Draws at 0
+    count on both sides (conservative for metrics on a lattice). p <= alpha implies that the
+    1 - alpha percentile interval excludes 0: then at most floor(alpha (B - 1) / 2) draws lie on
+    0's side, so both order statistics interpolated at that end lie beyond 0."""
+    r = np.asarray(replicates, dtype=float)
+    below, above = int(np.count_nonzero(r <= 0)), int(np.count_nonzero(r >= 0))
+    return min(1.0, 2 * min(1 + below, 1 + above) / (r.size + 1))
+
+
 # --------------------------------------------------------------------------- intervals
 
 
@@ -257,7 +273,7 @@ def paired_samples(
     lo, hi = percentile_interval(reps, settings.level)
     observed = scale * float(np.mean([_observed_diff(tasks) for tasks in seeds]))
     method = SAMPLES_AND_SEEDS if len(seeds) > 1 else SAMPLES
-    return Interval(lo, hi, observed, method, len(seeds))
+    return Interval(lo, hi, observed, method, len(seeds), p_value(reps))
 
 
 def paired_seeds(
@@ -266,5 +282,6 @@ def paired_seeds(
     """The interval from per-seed differences alone; None under two seeds (nothing to vary)."""
     if len(diffs) < 2:
         return None
-    lo, hi = percentile_interval(seed_replicates(diffs, settings.draws, rng), settings.level)
-    return Interval(lo, hi, float(np.mean(diffs)), SEEDS, len(diffs))
+    reps = seed_replicates(diffs, settings.draws, rng)
+    lo, hi = percentile_interval(reps, settings.level)
+    return Interval(lo, hi, float(np.mean(diffs)), SEEDS, len(diffs), p_value(reps))

@@ -21,6 +21,8 @@ class Cell:
     delta: float | None = None
     runs: list[Run] = field(default_factory=list)  # the run of each value
     ci: bootstrap.Interval | None = None  # of the delta, paired with the baseline cell
+    p_adjusted: float | None = None  # ci.p_value adjusted over the table's family (table.adjust)
+    marked: bool = False  # the delta's `*`: it survives the table's adjustment
 
     @property
     def n(self) -> int:
@@ -51,6 +53,7 @@ class Table:
     notes: list[str]
     show_n: bool
     ci: bootstrap.Settings = field(default_factory=bootstrap.Settings)
+    adjust: str = "holm"  # multiple-comparison adjustment of the deltas (uapt.table.adjust)
 
 
 def _count_text(counts: Mapping[str, int], sep: str = ", ") -> str:

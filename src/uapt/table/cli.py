@@ -11,6 +11,8 @@ from typing import NoReturn
 
 from uapt import bootstrap, files
 from uapt.records import load_runs
+from uapt.table.adjust import DEFAULT as DEFAULT_ADJUST
+from uapt.table.adjust import METHODS as ADJUSTMENTS
 from uapt.table.aggregate import build_table
 from uapt.table.cells import Table
 from uapt.table.plots import make_plots
@@ -123,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seed of the bootstrap draws; the same seed gives the same table (default 0)",
     )
     parser.add_argument(
+        "--adjust",
+        choices=tuple(ADJUSTMENTS),
+        default=DEFAULT_ADJUST,
+        help="multiple-comparison adjustment of the deltas' marks over the whole table: holm "
+        "(family-wise error), bh (Benjamini-Hochberg, false discovery rate) or none "
+        f"(default {DEFAULT_ADJUST})",
+    )
+    parser.add_argument(
         "--power",
         type=_power,
         nargs="?",
@@ -161,9 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     runs, problems = load_runs(dirs)
     try:
-        table = build_table(
-            exp, runs, problems, bootstrap.Settings(args.ci, args.bootstrap, args.seed)
-        )
+        settings = bootstrap.Settings(args.ci, args.bootstrap, args.seed)
+        table = build_table(exp, runs, problems, settings, args.adjust)
     except (TableSpecError, TableError) as e:
         print(f"uapt-table: error: {e}", file=sys.stderr)
         return 2

@@ -115,7 +115,8 @@ def _ci_note(ci: bootstrap.Settings) -> str:
         f"[lo, hi]: {100 * ci.level:g} % percentile interval of Δ from a paired bootstrap "
         f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
         "each draw resamples the paired seeds, then the samples of each drawn seed (only the "
-        f"samples when one seed pairs); {MARK} marks an interval that excludes 0."
+        "samples when one seed pairs). p: the two-sided p-value of Δ = 0 from the same draws, "
+        f"2 min(1 + #draws ≤ 0, 1 + #draws ≥ 0) / ({ci.draws} + 1), at most 1."
     )
 
 
