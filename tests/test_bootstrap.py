@@ -394,3 +394,32 @@ def test_ten_thousand_draws_are_vectorised(size, continuous):
     start = time.perf_counter()
     paired_samples(seeds, 100.0, Settings(), rng_for(0, "speed"))
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    ("diffs", "expected"),
+    [
+        ([0.3, 0.5], 0.5),  # two seeds that agree: 2 of the 4 sign patterns are as extreme
+        ([0.3, 0.5, 0.1], 0.25),  # three: 2 of 8
+        # by hand: |±1 ±2 ±3 ±1| >= 5 for +1+2+3+1, +1+2+3-1, -1+2+3+1 and their negatives
+        ([1.0, 2.0, 3.0, -1.0], 6 / 16),
+        ([1.0, -1.0], 1.0),
+    ],
+)
+def test_seeds_only_p_value_is_the_exact_sign_flip_test(diffs, expected):
+    ci = paired_seeds(diffs, Settings(0.95, 1000, 0), rng_for(0, "flip"))
+    assert ci.p_value == pytest.approx(expected, rel=1e-12)
+
+
+def test_sign_flip_p_value_past_the_exact_limit_is_drawn_and_close_to_exact():
+    """17 seeds: 2,000 drawn patterns (the data counted as one more) against the exact share,
+    within 4 binomial standard errors."""
+    from uapt.bootstrap import sign_flip_p_value
+
+    diffs = [0.2, -0.1, 0.4, 0.3, -0.2, 0.5, 0.1, 0.05, -0.3, 0.2, 0.3, 0.1, -0.05, 0.4, 0.2,
+             0.1, -0.1]  # fmt: skip
+    k = len(diffs)
+    signs = 1 - 2 * ((np.arange(2**k)[:, None] >> np.arange(k)) & 1)
+    exact = float(np.mean(np.abs((signs * np.array(diffs)).mean(1)) >= abs(np.mean(diffs)) - 1e-12))
+    drawn = sign_flip_p_value(diffs, rng_for(0, "many"), 2000)
+    assert drawn == pytest.approx(exact, abs=4 * (exact * (1 - exact) / 2000) ** 0.5 + 1 / 2001)

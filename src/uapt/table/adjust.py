@@ -66,16 +66,11 @@ def add_adjustment(table: Table) -> list[str]:
     corrected, survives = adjusted([c.ci.p_value for c in cells], table.adjust, alpha)
     for cell, p, kept in zip(cells, corrected, survives, strict=True):
         cell.p_adjusted = p
-        # `none` marks what the interval shows; an adjusted survivor's interval excludes 0 too
-        cell.marked = cell.ci.significant if table.adjust == "none" else kept
+        # a mark needs both: the test passes, and the interval the cell prints excludes 0 (the
+        # bootstrap p-value implies it; a seeds-only cell's sign-flip test does not)
+        test = cell.ci.p_value <= alpha if table.adjust == "none" else kept
+        cell.marked = test and cell.ci.significant
     return _notes(table, cells, alpha)
-
-
-def _few_seeds_only(cell: Cell, table: Table) -> bool:
-    """A seeds-only interval whose n seeds make a draw of one seed n times (n^-n) likelier than
-    the interval's tail (uapt.table.intervals says so of its interval too)."""
-    ci = cell.ci
-    return ci is not None and ci.method == SEEDS and ci.seeds**-ci.seeds > (1 - table.ci.level) / 2
 
 
 def _notes(table: Table, cells: Sequence[Cell], alpha: float) -> list[str]:
@@ -98,14 +93,16 @@ def _notes(table: Table, cells: Sequence[Cell], alpha: float) -> list[str]:
         f"{scope}): {kept} of {m} survive; {raw} of {m} intervals exclude 0 without "
         "adjustment. The intervals are per comparison, not adjusted."
     ]
-    floored = [c for c in cells if c.marked and _few_seeds_only(c, table)]
-    if floored:
-        counts = " or ".join(map(str, sorted({c.ci.seeds for c in floored})))
-        share = "All" if len(floored) == kept else f"{len(floored)} of the"
+    seeds_only = [c for c in cells if c.ci.method == SEEDS]
+    if seeds_only:
+        counts = sorted({c.ci.seeds for c in seeds_only})
+        best = 2 / 2 ** max(counts)
         notes.append(
-            f"{share} {kept} survivors are seeds-only intervals over {counts} seeds: when every "
-            f"paired seed moved the same way their p-value is the floor 2 / ({table.ci.draws} "
-            "+ 1), which no adjustment discounts."
+            f"Seeds-only deltas ({len(seeds_only)} of {m}) are tested by the exact sign-flip test "
+            f"over their {' or '.join(map(str, counts))} paired seeds, whose smallest p-value is "
+            f"2 / 2^k = {best:.3g}"
+            + (f" > {alpha:.3g}: none of them can be marked" if best > alpha else "")
+            + "; per-sample outcomes give p-values the seeds alone cannot."
         )
     # Holm's first threshold is alpha/m; BH rejects nothing only when every p exceeds alpha
     threshold, words = (alpha / m, f"alpha/{m}") if table.adjust == "holm" else (alpha, "alpha")

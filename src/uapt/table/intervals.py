@@ -15,7 +15,7 @@ from uapt.evaluation import outcomes
 from uapt.records import Run
 from uapt.table.cells import Cell, Table, _where, _where_row, reference_cell
 from uapt.table.spec import Metric, TableSpec
-from uapt.table.values import _MISSING, MARK, TableError, _canon, _fmt_value, _sort_key, lookup
+from uapt.table.values import _MISSING, TableError, _canon, _fmt_value, _sort_key, lookup
 
 # Why an interval resamples seeds only (uapt.bootstrap.paired_seeds) rather than samples too.
 NOT_EVAL = "not an eval metric"
@@ -83,8 +83,8 @@ class _IntervalNotes:
             out.append(
                 f"Seeds-only intervals over {' or '.join(map(str, few))} seeds span about the "
                 "range of the per-seed differences (every draw taking the same seed is likelier "
-                f"than the tail): they understate the uncertainty, and {MARK} on them says little "
-                "more than that every paired seed moved the same way."
+                "than the tail): they understate the uncertainty, so their marks come from the "
+                "sign-flip test instead (the adjustment's note)."
             )
         for reason, wheres in self.none.items():
             out.append(f"No interval ({reason}): {_cells_text(table, wheres)}.")
@@ -116,7 +116,8 @@ def _ci_note(ci: bootstrap.Settings) -> str:
         f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
         "each draw resamples the paired seeds, then the samples of each drawn seed (only the "
         "samples when one seed pairs). p: the two-sided p-value of Δ = 0 from the same draws, "
-        f"2 min(1 + #draws ≤ 0, 1 + #draws ≥ 0) / ({ci.draws} + 1), at most 1."
+        f"2 min(1 + #draws ≤ 0, 1 + #draws ≥ 0) / ({ci.draws} + 1), at most 1; for a "
+        "seeds-only interval, the exact sign-flip test over its paired seeds."
     )
 
 
