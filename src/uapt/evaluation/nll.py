@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from uapt.data import IGNORE_INDEX, DataError, tokenize_conversations
 from uapt.evaluation.suite import TaskSpec
@@ -141,38 +140,62 @@ def batches(rows: Sequence[Row], tokens: int = TOKENS_PER_BATCH) -> Iterator[lis
 
 @torch.no_grad()
 def sample_nll(model: torch.nn.Module, rows: Sequence[Row], pad_id: int, device: Any) -> dict:
-    """{doc id: mean NLL per labelled token} of every row, in batches padded on the right."""
+    """{doc id: mean NLL per labelled token} of every row, in batches padded on the right.
+
+    The model runs to its final hidden states only; the output layer (uapt.objectives.head, with
+    any logit softcapping) is applied to the labelled positions alone, CHUNK at a time: full
+    [batch, time, vocab] logits would be most of the memory traffic (measured: benchmarks/
+    nll_task.py)."""
+    from uapt.models import hidden_states
+    from uapt.objectives.head import output_head
+
     was_training = model.training
     model.eval()
+    head = output_head(model)
     out: dict[int, float] = {}
     try:
         for batch in batches(rows):
-            width = len(batch[0][1])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (_, row_ids, row_labels) in enumerate(batch):
-                ids[i, : len(row_ids)] = torch.tensor(row_ids)
-                labels[i, : len(row_labels)] = torch.tensor(row_labels)
-                mask[i, : len(row_ids)] = 1
-            logits = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-            ).logits
-            target = labels[:, 1:].to(device)  # the logits at t predict the label at t + 1
-            token_nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2),
-                target,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            counts = (target != IGNORE_INDEX).sum(1)
+            ids, labels, mask = _padded(batch, pad_id)
+            hidden = hidden_states(model, ids.to(device), mask.to(device))
+            target = labels[:, 1:].to(device)  # the state at t predicts the label at t + 1
+            keep = target != IGNORE_INDEX
+            token_nll = _token_nll(head, hidden[:, :-1][keep], target[keep])
+            row_of = keep.nonzero()[:, 0]
+            totals = torch.zeros(len(batch), dtype=token_nll.dtype, device=token_nll.device)
+            totals.index_add_(0, row_of, token_nll)
+            counts = keep.sum(1)
             for (doc_id, _, _), total, count in zip(
-                batch, token_nll.sum(1).tolist(), counts.tolist(), strict=True
+                batch, totals.tolist(), counts.tolist(), strict=True
             ):
                 out[doc_id] = total / count
     finally:
         model.train(was_training)
     return out
+
+
+CHUNK = 1024  # labelled positions whose logits are held at once
+
+
+def _token_nll(head: Any, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per position from hidden states [N, H], CHUNK positions at a time."""
+    parts = []
+    for lo in range(0, len(target), CHUNK):
+        logits = head.logits(hidden[lo : lo + CHUNK])
+        picked = logits.gather(1, target[lo : lo + CHUNK, None])[:, 0]
+        parts.append(torch.logsumexp(logits, dim=1) - picked)
+    return torch.cat(parts) if parts else hidden.new_zeros(0)
+
+
+def _padded(batch: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = len(batch[0][1])
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (_, row_ids, row_labels) in enumerate(batch):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return ids, labels, mask
 
 
 def evaluate(
