@@ -86,6 +86,7 @@ def _random_instructions(doc: dict) -> list[bool]:
     ]
 
 
+@pytest.mark.slow
 def test_ifeval_scores_gpt4_responses_like_the_published_figures(shared_data, tmp_path):
     inputs = read_jsonl(shared_data / "ifeval" / "input_data.jsonl")
     responses = {
