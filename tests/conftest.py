@@ -25,7 +25,7 @@ CACHE_DIR = Path(os.environ.setdefault("UAPT_CACHE", str(REPO / ".cache" / "uapt
 # Every test has a ceiling (pytest-timeout): pyproject.toml's `timeout` for the fast lane, and
 # SLOW_TIMEOUT_S for a slow test unless it carries its own `@pytest.mark.timeout(...)`. Both are
 # over twice the slowest time measured on 2 shared cores (docs: README, "Development").
-SLOW_TIMEOUT_S = 900
+SLOW_TIMEOUT_S = 1200
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
