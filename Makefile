@@ -53,9 +53,10 @@ TEST_WORKERS ?= 2
 test: setup slurm-packages
 	$(OFFLINE) OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests uat -m "not full"
 
-# Unit tests only (no subprocess runs, no clusters): the lane to run while developing.
+# The fast lane (tests not marked slow in their files): the one to run while developing. One
+# thread: two OpenMP threads on 2 shared cores spin-wait on each other (docs/performance.md).
 test-fast: setup
-	$(OFFLINE) $(BIN)/pytest -q tests -m "not slow"
+	$(OFFLINE) OMP_NUM_THREADS=1 $(BIN)/pytest -q tests -m "not slow"
 
 uat: setup
 	$(BIN)/pytest -q uat

@@ -48,6 +48,7 @@ BENCHMARKS = (
     Benchmark("teacher_topk_gap", "teacher_topk_gap.py"),
     Benchmark("global_selection", "global_selection.py"),
     Benchmark("packing", "packing.py"),
+    Benchmark("bootstrap_draws", "bootstrap_draws.py"),
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
     Benchmark(
@@ -289,7 +290,20 @@ def rows_packing(p: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_bootstrap_draws(p: dict[str, Any]) -> list[Row]:
+    return [
+        [
+            f"bootstrap interval, loop over draws / uapt ({r['case']}, {r['seeds']} seeds)",
+            fmt_spread(r["ratio"]),
+            f">= {r['ratio']['target']}",
+            _verdict(r["ratio"]),
+        ]
+        for r in p["results"]
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "bootstrap_draws": rows_bootstrap_draws,
     "packing": rows_packing,
     "global_selection": rows_global_selection,
     "objective_overhead": rows_objective_overhead,
@@ -337,6 +351,7 @@ The benchmarks:
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
 | `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |
 | `packing.py` | assistant tokens/s of packed / padded micro-batches (and packed split by a token budget), SmolLM2-135M-Instruct on real GSM8K rows, micro-batch 8, mle and masked_mle_distill; step time of `trainer.compile=true` / eager, tiny and SmolLM2 | packed >= 1.3; compiled <= 0.8 |
+| `bootstrap_draws.py` | time of one table cell's paired bootstrap interval (3 seeds, 10,000 draws), a loop over draws / `uapt.bootstrap.paired_samples`, at GSM8K's and TruthfulQA MC2's test sizes; the two intervals agree up to Monte Carlo error | >= 10 |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
 Two targets are out of reach by construction, whatever the machine:

@@ -1,13 +1,21 @@
-"""Running uapt's command-line tools the way a user does, in a subprocess."""
+"""Running uapt's command-line tools the way a user does, in a subprocess; waiting on what a
+running process does, with a deadline."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to run in seconds on 2 cores, big enough to learn something.
@@ -59,12 +67,109 @@ def train(*args: str, **kw) -> subprocess.CompletedProcess:
     return run_cli("uapt.train", *args, **kw)
 
 
+# ----------------------------------------------------------------------------- waiting
+T = TypeVar("T")
+
+
+def wait_until(
+    check: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    every_s: float = 0.05,
+    proc: subprocess.Popen | None = None,
+) -> T:
+    """check()'s first truthy value, asked every `every_s`. Fails naming `what` after `timeout_s`,
+    or as soon as `proc` (when given) has exited: then nothing it does can make check() true."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How a signalled process ended: its exit status (-N: killed by signal N) and output."""
+
+    returncode: int
+    output: str
+
+
+HELD_RUN = REPO / "tests" / "held_run.py"
+
+
+def signal_at_row(
+    command: list[str],
+    row: int,
+    sig: signal.Signals,
+    *,
+    run: str = "*",
+    cwd: Path = REPO,
+    env_vars: dict[str, str] | None = None,
+    group: bool = False,
+    timeout_s: float = 300,
+) -> Stopped:
+    """Launch `python <command>` (`-m uapt.train ARGS`, or a script and its arguments), held just
+    before it appends metrics row `row` to the run folder matching the glob `run`
+    (tests/held_run.py), send it `sig` there and wait for it to exit. `group`: the command runs
+    in a session of its own and the signal goes to all of it. Each wait has a deadline; a
+    process still running when this returns or fails is killed."""
+    with tempfile.TemporaryDirectory(prefix="held-") as scratch:
+        ready, log = Path(scratch) / "ready", Path(scratch) / "output"
+        pattern = f"*/{run}/metrics.jsonl"
+        argv = [sys.executable, str(HELD_RUN), pattern, str(row), str(ready), *command]
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env_vars or env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=group,
+            )
+        send = (lambda s: os.killpg(proc.pid, s)) if group else proc.send_signal
+        try:
+            what = f"metrics row {row} of run {run} ({' '.join(command)})"
+            try:
+                wait_until(ready.exists, timeout_s, what, proc=proc)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{log.read_text()[-3000:]}") from None
+            send(sig)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                tail = log.read_text()[-3000:]
+                name = signal.Signals(sig).name
+                raise AssertionError(
+                    f"still running {timeout_s:.0f}s after {name}:\n{tail}"
+                ) from None
+            return Stopped(proc.returncode, log.read_text())
+        finally:
+            if proc.poll() is None:
+                send(signal.SIGKILL)
+                proc.wait()
+
+
 def records(runs_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*/run.json"))]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def strict_json(path: Path):
+    """Parse as strict JSON: NaN, Infinity and -Infinity are errors."""
+
+    def refuse(name: str):
+        raise ValueError(f"{path}: bare {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def compose_run(*overrides: str) -> dict:
@@ -80,6 +185,32 @@ def compose_run(*overrides: str) -> dict:
 def tiny_model_cfg() -> dict:
     """conf/model/tiny.yaml as Hydra composes it (merged over conf/model/base.yaml)."""
     return compose_run("model=tiny")["model"]
+
+
+# ----------------------------------------------------------------------------- audit events
+_listening: list[tuple[frozenset[str], list[tuple]]] = []
+_hooked: list[bool] = []  # a hook cannot be removed: one for the session, idle when not listening
+
+
+def _audit(event: str, args: tuple) -> None:
+    for names, seen in _listening:
+        if event in names:
+            seen.append(args)
+
+
+@contextmanager
+def audit_events(*names: str) -> Iterator[list[tuple]]:
+    """The arguments of the audit events `names` (e.g. "open": path, mode, flags) raised in this
+    process while the block runs: what code did, counted without a clock or a mock."""
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked.append(True)
+    entry: tuple[frozenset[str], list[tuple]] = (frozenset(names), [])
+    _listening.append(entry)
+    try:
+        yield entry[1]
+    finally:
+        _listening.remove(entry)
 
 
 # ----------------------------------------------------------------------------- AdamW tolerances

@@ -21,6 +21,8 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import run_all  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MACHINE_KEYS = {"cpu_model", "cores", "torch_threads", "versions", "device", "load_average"}
 
 
@@ -200,6 +202,26 @@ def test_packing_quick(out_dir):
     assert c["loss_max_rel_diff"] < 1e-5  # compiled kernels, the same numbers
     assert len(run_all.rows_packing(payload)) == 5
     assert "packed / padded" in stdout
+
+
+def test_bootstrap_draws_quick(out_dir):
+    payload, stdout = run_quick("bootstrap_draws", out_dir)
+    check_machine(payload)
+    assert [r["samples"] for r in payload["results"]] == [1319, 817]
+    for r in payload["results"]:
+        seconds = r["seconds"]
+        assert len(seconds["uapt"]) == len(seconds["loop"]) == r["rounds"] == 2
+        ratio = r["ratio"]
+        assert ratio["median"] == pytest.approx(paired_median(seconds["loop"], seconds["uapt"]))
+        assert ratio["target_rule"] == ">=" and ratio["met"] == (ratio["median"] >= 10)
+        # One law, two algorithms: the ends agree up to Monte Carlo error. At 1,000 draws an
+        # end's standard error is about 4 % of the half-width (quantile_se in test_bootstrap.py),
+        # their difference's about 6 %: 25 % is over 4 standard errors.
+        (lo, hi), (loop_lo, loop_hi) = r["interval"]["uapt"], r["interval"]["loop"]
+        half = (hi - lo) / 2
+        assert abs(lo - loop_lo) < 0.25 * half and abs(hi - loop_hi) < 0.25 * half
+    assert "loop / uapt" in stdout
+    assert len(run_all.rows_bootstrap_draws(payload)) == 2
 
 
 def test_run_all_renders_every_summary(overhead, throughput, tmp_path):

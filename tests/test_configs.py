@@ -46,6 +46,7 @@ def sweep_points(sweep: str) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in point.items()] for point in points]
 
 
+@pytest.mark.slow  # measured over 2 s (make test-fast stays under 90 s)
 @pytest.mark.parametrize("sweep", group_options("sweep"))
 def test_every_sweep_point_composes_and_validates(sweep, tmp_path):
     for point in sweep_points(sweep):

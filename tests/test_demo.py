@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import records, run_cli, train
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_sweep_table_and_plot(tmp_path):

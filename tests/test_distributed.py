@@ -10,6 +10,8 @@ import sys
 import pytest
 from helpers import REPO, TINY, env, metric_rows, records, train
 
+pytestmark = pytest.mark.slow
+
 ARGS = [*TINY, "trainer.max_steps=3", "trainer.batch_size=8"]
 
 

@@ -86,6 +86,7 @@ def _random_instructions(doc: dict) -> list[bool]:
     ]
 
 
+@pytest.mark.slow
 def test_ifeval_scores_gpt4_responses_like_the_published_figures(shared_data, tmp_path):
     inputs = read_jsonl(shared_data / "ifeval" / "input_data.jsonl")
     responses = {
@@ -137,6 +138,7 @@ def test_ifeval_scores_gpt4_responses_like_the_published_figures(shared_data, tm
     assert result["eval_meta"]["n_samples"]["ifeval"] == {"original": 540, "effective": 540}
 
 
+@pytest.mark.slow  # measured over 2 s (make test-fast stays under 90 s)
 def test_punkt_tab_built_offline_splits_like_the_punkt_package(tmp_path, monkeypatch, shared_data):
     import nltk
     import punkt
@@ -254,6 +256,7 @@ def _gsm8k_suite(shared_data: Path, **task) -> dict:
     }
 
 
+@pytest.mark.slow  # measured over 2 s (make test-fast stays under 90 s)
 def test_real_gsm8k_config_scores_strict_and_flexible_matches(shared_data, tmp_path):
     rows = read_jsonl(shared_data / "gsm8k" / "test.jsonl")[:4]
     finals = [r["answer"].split("#### ")[-1].strip() for r in rows]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_weights_close
 
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 STEPS = 3
 ACCUMULATION = 2  # micro-batches per step; ranks split each global micro-batch of MICRO rows

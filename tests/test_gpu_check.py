@@ -20,6 +20,8 @@ sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
 import gpu_report  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 STATUSES = {"measured", "partly measured", "not measured", "failed"}
 
 

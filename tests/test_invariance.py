@@ -17,6 +17,8 @@ import pytest
 import torch
 from helpers import adam_step_bound, assert_weights_close
 
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path(__file__).parent / "fixtures" / "data" / "varied_lengths.jsonl"
 STEPS = 3
 BATCH = 8

@@ -19,6 +19,8 @@ from helpers import REPO, TINY, env
 from uapt import launch
 from uapt.launch import Slot, plan_slots, run_pool
 
+pytestmark = pytest.mark.slow
+
 CONF = REPO / "conf"
 GPUS4 = ["0", "1", "2", "3"]
 

@@ -105,6 +105,7 @@ def test_budget_layouts_cover_the_batch_evenly(world, packed):
         assert rows == list(range(16))  # every row of the global batch once
 
 
+@pytest.mark.slow
 def test_steps_log_padding_and_assistant_tokens(tmp_path):
     base = [*TINY, "trainer.max_steps=2", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
     padded, packed = tmp_path / "padded", tmp_path / "packed"

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, env, records, train
+from helpers import TINY, records, signal_at_row, train
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
 
 ARGS = [*TINY, "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"]
 
@@ -24,23 +23,10 @@ def final_state(runs_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return record, load_file(run_dir / "model" / "model.safetensors")
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "uapt.train", *args],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_for_steps(metrics: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"run did not reach step {steps} (exit code {proc.poll()})")
+def kill_before_row(args: list[str], row: int) -> None:
+    """SIGKILL `uapt-train args` with `row - 1` metric rows written, step `row` computed."""
+    killed = signal_at_row(["-m", "uapt.train", *args], row, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("variant", ["mle", "masked_mle_distill"])
@@ -50,13 +36,9 @@ def test_kill9_then_rerun_equals_uninterrupted(variant, tmp_path):
 
     killed = tmp_path / "killed"
     kill_at = random.Random(variant).randint(3, 7)  # after the first checkpoint (step 2)
-    proc = start([*args, f"runs_dir={killed}"])
-    while not list(killed.glob("tiny-*/metrics.jsonl")) and proc.poll() is None:
-        time.sleep(0.05)
+    kill_before_row([*args, f"runs_dir={killed}"], kill_at + 1)
     (metrics,) = killed.glob("tiny-*/metrics.jsonl")
-    wait_for_steps(metrics, kill_at, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert len(metrics.read_text().splitlines()) == kill_at
     assert records(killed)[0]["status"] == "running"
 
     again = train(*args, f"runs_dir={killed}", check=True)
@@ -66,6 +48,7 @@ def test_kill9_then_rerun_equals_uninterrupted(variant, tmp_path):
         final_state(killed),
     )
     assert got["status"] == "completed" and got["resumed_from_step"] >= 2
+    assert got["resumed_from_step"] == kill_at - kill_at % 2  # its newest checkpoint
     assert got["metrics"]["train/loss"] == want["metrics"]["train/loss"]
     assert got["metrics"]["val/loss"] == want["metrics"]["val/loss"]
     assert want_weights.keys() == got_weights.keys()
@@ -76,11 +59,7 @@ def test_kill9_then_rerun_equals_uninterrupted(variant, tmp_path):
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
     args = [*ARGS, "objective=mle", f"runs_dir={tmp_path}", "trainer.max_steps=6"]
-    proc = start(args)
-    while not list(tmp_path.glob("tiny-*/checkpoints/step-00000004")) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_before_row(args, 5)  # after the checkpoint of step 4, before the run's end (6)
     (newest,) = tmp_path.glob("tiny-*/checkpoints/step-00000004")
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -14,15 +14,15 @@ import math
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from helpers import REPO, TINY, env, metric_rows
+from helpers import REPO, TINY, env, metric_rows, wait_until
 from slurm_cluster import PARTITION, Cluster
+
+pytestmark = pytest.mark.slow
 
 SLURM = [
     "hydra/launcher=slurm",
@@ -39,14 +39,7 @@ UNCOMPARABLE = ("tokens_per_s", "peak_mem_mb")
 
 
 # ----------------------------------------------------------------------------- helpers
-def wait_until(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"gave up after {timeout_s:.0f}s waiting for {what}")
+POLL_S = 0.2  # between two looks at the cluster: its commands cost more than a look at a file
 
 
 class Sweep:
@@ -80,7 +73,9 @@ class Sweep:
             tasks = sorted((n for n in names if "_" in n), key=lambda n: int(n.split("_")[1]))
             return tasks or names or None
 
-        return wait_until(submitted, 120, f"the jobs of {self.submitit.parent.name}")
+        return wait_until(
+            submitted, 120, f"the jobs of {self.submitit.parent.name}", every_s=POLL_S
+        )
 
     def array_id(self) -> str:
         return self.jobs()[0].split("_")[0]
@@ -121,7 +116,7 @@ def settle(cluster: Cluster, array: str) -> None:
         queued = cluster.command("squeue", "-h", "-j", array, check=False).strip()
         return not queued and all(r["End"] != "Unknown" for r in sacct(cluster, array))
 
-    wait_until(settled, 60, f"array {array} to leave the queue")
+    wait_until(settled, 60, f"array {array} to leave the queue", every_s=POLL_S)
 
 
 def show_job(cluster: Cluster, job: str) -> dict[str, str]:
@@ -196,7 +191,12 @@ def grid(slurm_cluster, tmp_path_factory):
     array = sweep.array_id()
     slurm_cluster.command("scancel", f"{array}_3")  # behind the throttle: never starts
     first = f"{array}_0"
-    wait_until(lambda: show_job(slurm_cluster, first).get("JobState") == "RUNNING", 60, first)
+    wait_until(
+        lambda: show_job(slurm_cluster, first).get("JobState") == "RUNNING",
+        60,
+        first,
+        every_s=POLL_S,
+    )
     slurm_cluster.command("scancel", first)
     code, output = sweep.finish()
     settle(slurm_cluster, array)
@@ -245,9 +245,9 @@ def test_preempted_run_resumes_to_the_uninterrupted_result(slurm_cluster, grid, 
         rows = list(tmp_path.glob("tiny-*/metrics.jsonl"))
         return bool(rows) and len(rows[0].read_text().splitlines()) >= 20
 
-    wait_until(training, 120, "20 logged steps")
+    wait_until(training, 120, "20 logged steps", every_s=POLL_S)
     slurm_cluster.command("scontrol", "requeue", job)
-    wait_until(lambda: requeued(slurm_cluster, job), 60, f"{job} requeued")
+    wait_until(lambda: requeued(slurm_cluster, job), 60, f"{job} requeued", every_s=POLL_S)
     slurm_cluster.command("scontrol", "update", f"JobId={job}", "StartTime=now")
     code, output = sweep.finish()
     settle(slurm_cluster, job)
@@ -306,7 +306,12 @@ class TimeLimitedRun:
             (self.job,) = self.sweep.jobs()
             self.cluster.next_time_limit_check()
             self.cluster.command("scontrol", "release", self.job)
-            wait_until(lambda: requeued(self.cluster, self.job), 120, f"{self.job} requeued")
+            wait_until(
+                lambda: requeued(self.cluster, self.job),
+                120,
+                f"{self.job} requeued",
+                every_s=POLL_S,
+            )
             update = ["scontrol", "update", f"JobId={self.job}", "TimeLimit=10", "StartTime=now"]
             self.cluster.command(*update)
         except BaseException as e:  # raised in the test
@@ -353,7 +358,7 @@ def test_the_same_sweep_submitted_twice_trains_each_run_once(slurm_cluster, tmp_
         arrays = {d.name for d in first.submitit.glob("[0-9]*") if d.name.isdigit()}
         return sorted(arrays, key=int) if len(arrays) == 2 else None
 
-    arrays = wait_until(both_submitted, 120, "both submissions")
+    arrays = wait_until(both_submitted, 120, "both submissions", every_s=POLL_S)
     for array in arrays:  # the first runs, and the second is submitted while it does
         slurm_cluster.command("scontrol", "release", array)
     results = [first.finish(), second.finish()]

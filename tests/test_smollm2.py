@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import audit_events
 
 from uapt import prepare, smollm2
 from uapt.smollm2 import (
@@ -102,10 +103,13 @@ def test_second_call_reuses_without_converting(smollm2_dir: Path, monkeypatch) -
 
     monkeypatch.setattr(smollm2, "_build", must_not_run)
     monkeypatch.setattr(smollm2, "download_package", must_not_run)
+    cache = smollm2_dir.parents[1]
     mtime = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    started = time.perf_counter()
-    assert ensure_smollm2(smollm2_dir.parents[1]) == smollm2_dir
-    assert time.perf_counter() - started < 1.0
+    with audit_events("open") as opened:
+        assert ensure_smollm2(cache) == smollm2_dir
+    # A cache hit reads the marker alone: no lock taken, no weights read or hashed.
+    in_cache = [Path(a[0]) for a in opened if isinstance(a[0], str) and a[0].startswith(str(cache))]
+    assert in_cache == [smollm2_dir / MARKER]
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -144,6 +148,7 @@ def test_tokenizer_carries_smollm2_chatml_template(smol) -> None:
     assert batch["input_ids"][0][-1] == 2 and batch["attention_mask"][0][-1] == 0
 
 
+@pytest.mark.slow
 def test_greedy_answer_before_training(smol) -> None:
     model, tok = smol
     prompt = tok.apply_chat_template(
@@ -215,14 +220,26 @@ def test_half_written_folders_are_never_used(tmp_path: Path, monkeypatch, caplog
 
 
 def test_concurrent_callers_convert_once(tmp_path: Path, monkeypatch) -> None:
+    """Three callers that all found no conversion (held together after their first look, before
+    the lock) convert once: one builds, the others find it done once they hold the lock."""
     calls = []
+    looked: set[int] = set()
+    first_look = threading.Barrier(3, timeout=60)
+    check = smollm2.is_complete
 
-    def slow_build(out: Path) -> None:
+    def look_together(folder: Path) -> bool:
+        complete = check(folder)
+        if threading.get_ident() not in looked:
+            looked.add(threading.get_ident())
+            first_look.wait()
+        return complete
+
+    def fake_build(out: Path) -> None:
         calls.append(out)
-        time.sleep(0.3)
         _marker(out)
 
-    monkeypatch.setattr(smollm2, "_build", slow_build)
+    monkeypatch.setattr(smollm2, "is_complete", look_together)
+    monkeypatch.setattr(smollm2, "_build", fake_build)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(ensure_smollm2(tmp_path))) for _ in range(3)
@@ -230,7 +247,9 @@ def test_concurrent_callers_convert_once(tmp_path: Path, monkeypatch) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert len(looked) == 3  # all three looked before any conversion
     assert len(calls) == 1 and results == [embedded_folder(tmp_path)] * 3
 
 
@@ -320,12 +339,26 @@ def test_online_uses_the_hub_when_it_answers(smollm2_dir: Path, monkeypatch, no_
         resolve_model_source(SMOLLM2_ID, cache, source="local")
 
 
-def test_hub_probe_fails_fast_without_retrying() -> None:
+def test_hub_probe_fails_fast_without_retrying(monkeypatch) -> None:
+    import huggingface_hub
+
     smollm2.hub_reachable.cache_clear()
-    started = time.perf_counter()
+    asked = []
+
+    def metadata(*args, **kwargs):
+        asked.append(kwargs.get("timeout"))
+        return get_metadata(*args, **kwargs)
+
+    get_metadata = huggingface_hub.get_hf_file_metadata
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    # The probe runs online; under the suite's HF_HUB_OFFLINE=1 huggingface_hub would refuse
+    # before connecting, and nothing would be probed.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     # port 9 (discard) on localhost refuses: no DNS, no Hub, no retries
-    assert smollm2.hub_reachable(SMOLLM2_ID, 2.0, "http://127.0.0.1:9") is False
-    assert time.perf_counter() - started < 5.0
+    with audit_events("socket.connect") as connects:
+        assert smollm2.hub_reachable(SMOLLM2_ID, 2.0, "http://127.0.0.1:9") is False
+    assert asked == [2.0]  # one request, bounded by the probe's timeout
+    assert len(connects) == 1  # one connection attempt: nothing retried
 
 
 def test_a_complete_hf_cache_copy_is_preferred_offline(tmp_path: Path) -> None:

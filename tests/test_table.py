@@ -371,6 +371,7 @@ def _synthetic_runs(exp, root: Path) -> int:
     return count
 
 
+@pytest.mark.slow  # measured over 2 s (make test-fast stays under 90 s)
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_experiments_validate_render_and_plot(path, tmp_path):
     exp = load_table_spec(path)
@@ -615,6 +616,7 @@ def test_swapping_the_baseline_negates_every_interval(tmp_path):
         assert (other.lo, other.hi, other.estimate) == (-one.hi, -one.lo, -one.estimate)
 
 
+@pytest.mark.slow  # measured over 2 s (make test-fast stays under 90 s)
 def test_the_same_seed_gives_the_same_table_in_any_process(tmp_path):
     exp = _ci_runs(tmp_path / "runs", seeds=(0, 1), size=2000)  # fine steps: ends move with seed
 

@@ -191,6 +191,7 @@ def test_other_weights_get_another_cache_and_a_missing_row_is_named(tiny, tmp_pa
 
 
 # ----------------------------------------------------------------------------- in the loop
+@pytest.mark.slow
 def test_a_grid_computes_the_teacher_once_and_matches_the_live_teacher(tmp_path):
     common = [*TINY, "trainer.max_steps=3", f"runs_dir={tmp_path / 'runs'}"]
     common += [f"cache_dir={tmp_path / 'cache'}", "objective=masked_mle_distill"]
@@ -233,6 +234,7 @@ def test_a_grid_computes_the_teacher_once_and_matches_the_live_teacher(tmp_path)
         ("objective.teacher_topk=0", "objective.teacher_topk=0 is not an integer >= 1"),
     ],
 )
+@pytest.mark.slow
 def test_bad_teacher_options_are_named(tmp_path, override, message):
     proc = train(*TINY, override, f"runs_dir={tmp_path}")
     assert proc.returncode != 0

@@ -145,6 +145,7 @@ def test_tags_are_key_value_and_errors_one_line():
     assert one_line(error) == "RuntimeError: Timed out"
 
 
+@pytest.mark.slow
 def test_reader_follows_records_across_blocks(tmp_path):
     """Records that span W&B's 32 KiB blocks (first, middle and last chunks) read back whole."""
     import wandb
@@ -175,6 +176,7 @@ def test_reader_follows_records_across_blocks(tmp_path):
 # --------------------------------------------------------------------------- a run's file
 
 
+@pytest.mark.slow
 def test_offline_run_file_holds_identity_config_history_and_summary(study):
     done = records(study)
     assert sorted(r["summary"]["objective"] for r in done) == sorted(OBJECTIVES)
@@ -229,6 +231,7 @@ def test_offline_run_file_holds_identity_config_history_and_summary(study):
 # --------------------------------------------------------------------------- the table run
 
 
+@pytest.mark.slow
 def test_table_run_holds_the_terminal_tables_cells_notes_and_plots(study, tmp_path):
     experiment = tmp_path / "study.yaml"
     experiment.write_text(STUDY_FILE)
@@ -411,6 +414,7 @@ def test_the_reachability_probe_connects_where_requests_would(monkeypatch, proxi
     assert first_hop("https://api.wandb.ai") == expected
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_is_one_warning_and_everything_goes_on(study, tmp_path):
     online = {**UNREACHABLE, "WANDB_API_KEY": PLACEHOLDER_KEY}
     runs = tmp_path / "runs"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY, metric_rows, records, train
 
+pytestmark = pytest.mark.slow
+
 LOGGED = [
     "loss",
     "loss/mle",

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from helpers import REPO, TINY, records, train
 
+pytestmark = pytest.mark.slow
+
 STUDY = [
     *[a for a in TINY if not a.startswith("trainer.lr=")],  # searched: not fixed
     "trainer.max_steps=3",

@@ -8,21 +8,40 @@ Runs that several scenarios look at (one training run, one interrupted sweep) ar
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from uatlib import Seen, as_typed, quick_cache, readme_command, sh, user_env, venv_bin
+from uatlib import REPO, Seen, as_typed, quick_cache, readme_command, sh, user_env, venv_bin
+
+sys.path.insert(0, str(REPO / "tests"))  # the suite's helper for holding and signalling a run
+from helpers import signal_at_row
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "full: slow user scenarios from a clean clone (make setup, make demo)"
     )
+
+
+# The whole folder is slow (left out of `make test-fast`). Ceilings, over twice the slowest time
+# seen on 2 shared cores: a quick scenario's first test also makes the runs its fixtures share;
+# a full one clones, sets up and runs the demo (README: up to 5 + 26 min beside `make test`).
+UAT_TIMEOUT_S = 900
+FULL_TIMEOUT_S = 3600
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if not item.path.is_relative_to(here):  # tests/conftest.py sets the suite's own
+            continue
+        item.add_marker(pytest.mark.slow)
+        if not item.get_closest_marker("timeout"):
+            full = item.get_closest_marker("full")
+            item.add_marker(pytest.mark.timeout(FULL_TIMEOUT_S if full else UAT_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
@@ -84,29 +103,21 @@ class ResumedSweep:
     rerun: Seen  # the same command again
 
 
-def _checkpointed(runs: Path, slug: str) -> bool:
-    return any(runs.glob(f"{slug}-*/checkpoints/step-*/manifest.json"))
-
-
 def _launch_and_kill(command: list[str], home: Path, env: dict[str, str]) -> Seen:
-    """Start the sweep, SIGKILL it (and its children) once the third run has a checkpoint."""
-    out, err = home / "killed.out", home / "killed.err"
-    with out.open("w") as fo, err.open("w") as fe:
-        proc = subprocess.Popen(
-            command, cwd=home, env=env, stdout=fo, stderr=fe, start_new_session=True
-        )
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and time.monotonic() < deadline:
-            if _checkpointed(home / "runs", KILLED_SLUG):
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        else:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
-    seen = Seen(command, rc, out.read_text(), err.read_text())
-    if rc != -signal.SIGKILL:
+    """Start the sweep; SIGKILL it (and its children) in its third run, after that run's first
+    checkpoint (step 2), before its third metrics row (tests/held_run.py holds it there)."""
+    killed = signal_at_row(
+        command,
+        3,
+        signal.SIGKILL,
+        run=f"{KILLED_SLUG}-*",
+        cwd=home,
+        env_vars=env,
+        group=True,
+        timeout_s=600,
+    )
+    seen = Seen(command, killed.returncode, killed.output, "")
+    if killed.returncode != -signal.SIGKILL:
         raise AssertionError(f"the sweep was meant to be killed in its third run:\n{seen}")
     return seen
 
