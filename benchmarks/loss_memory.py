@@ -219,19 +219,22 @@ class CpuPeak:
     """Extra peak memory on CPU, exact to the page, no sampling.
 
     glibc's mmap threshold is lowered to 64 KiB, so every tensor of that size or more is its own
-    mapping and goes back to the OS when freed: the resident set then tracks live tensors. The
-    kernel's high-water mark is reset (clear_refs 5) before the measured call, and the figure is
-    VmHWM - VmRSS(before). Where either is unavailable (another libc, no /proc) `available` is
-    False and no exact figure can be had.
+    mapping and goes back to the OS when freed: the resident set then tracks live tensors. Free
+    heap memory that earlier work left resident (smaller blocks, or blocks from before the
+    threshold was lowered) is given back too (malloc_trim) before the measured call: reused, it
+    would hide the call's own memory. The kernel's high-water mark is reset (clear_refs 5), and
+    the figure is VmHWM - VmRSS(before). Where either is unavailable (another libc, no /proc)
+    `available` is False and no exact figure can be had.
     """
 
     M_MMAP_THRESHOLD = -3
 
     def __init__(self) -> None:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            self.available = bool(libc.mallopt(self.M_MMAP_THRESHOLD, 65536)) and self._reset()
-        except OSError:
+            self.libc = ctypes.CDLL("libc.so.6")
+            lowered = self.libc.mallopt(self.M_MMAP_THRESHOLD, 65536)
+            self.available = bool(lowered) and self._reset()
+        except (OSError, AttributeError):
             self.available = False
 
     @staticmethod
@@ -251,6 +254,7 @@ class CpuPeak:
     @contextlib.contextmanager
     def measure(self) -> Iterator[dict[str, float]]:
         out: dict[str, float] = {}
+        self.libc.malloc_trim(0)
         self._reset()
         before = self._kb("VmRSS")
         yield out
