@@ -72,9 +72,9 @@ format: setup
 bench: setup
 	$(OFFLINE) $(BIN)/python benchmarks/run_all.py
 
-# uapt's CUDA paths checked and measured (benchmarks/gpu_check.py; docs/performance.md, "GPU").
+# uapt's CUDA paths checked and measured (benchmarks/gpu_check/; docs/performance.md, "GPU").
 gpu-check: setup
-	$(OFFLINE) $(BIN)/python benchmarks/gpu_check.py --json runs/benchmarks/gpu_check.json
+	$(OFFLINE) $(BIN)/python benchmarks/gpu_check --json runs/benchmarks/gpu_check.json
 
 # The wheels gpu_check needs on a GPU machine without a package index (Python 3.12, x86-64),
 # into $(WHEELS): binary ones as published; sdist-only ones (pure Python) built here.

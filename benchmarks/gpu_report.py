@@ -110,7 +110,7 @@ def parity_table(sec: Section, verdicts: bool = True) -> list[str]:
 
 
 def tolerance_note(tol: Mapping[str, Any] | None) -> str:
-    """The parity rule in words (gpu_check.PARITY_TOL, KEPT_TOL, parity_verdict)."""
+    """The parity rule in words (gpu_check.parity: PARITY_TOL, KEPT_TOL, parity_verdict)."""
     if not tol:
         return ""
     dtypes = [d for d in tol if d != "kept_agree"]
@@ -252,7 +252,7 @@ def provenance(payload: Mapping[str, Any]) -> list[str]:
     ]
 
 
-INTRO = """`benchmarks/gpu_check.py` checks uapt's CUDA paths and measures them in one command: the
+INTRO = """`benchmarks/gpu_check/` checks uapt's CUDA paths and measures them in one command: the
 chunked loss's parity with the naive one at Gemma-2-2b's head (fp32 and bf16), the loss's extra
 peak memory and time (Liger-Kernel's fused kernels beside it), training steps of Llama-3.2-1B's
 architecture with random weights (bf16, sequence 2,048: the objectives against mle, uapt against
@@ -270,9 +270,9 @@ started at once while the machine is still warm.
 ```bash
 make gpu-wheels   # here: .whl/ (about 55 MB; git-ignored)
 # there, from the repository root, as one command:
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json --deadline-s 300 2>&1 | tee $OUT/gpu_check.log
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check --json $OUT/gpu_check.json --deadline-s 300 2>&1 | tee $OUT/gpu_check.log
 # back here: this section and docs/results/gpu_check.json from the record
-python benchmarks/gpu_check.py --doc <fetched>/gpu_check.json
+python benchmarks/gpu_check --doc <fetched>/gpu_check.json
 ```
 
 A rerun of what failed writes its own record (`--sections train_step --json
@@ -291,7 +291,7 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
     if payload["device"] != "cuda":
         smoke = " --quick" if payload["quick"] else ""
         lines += [
-            "**No GPU figures yet.** No run of `benchmarks/gpu_check.py` on a GPU is recorded. "
+            "**No GPU figures yet.** No run of `benchmarks/gpu_check` on a GPU is recorded. "
             f"The record below is its CPU run (`--device cpu{smoke}`), kept to show what the "
             "GPU run will report and that every path runs; its figures are from a CPU"
             + (" at smoke sizes" if smoke else "")

@@ -39,18 +39,21 @@ chunked_ce_kl time <= 1.2x naive_ce_kl.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from uapt.objectives import OutputHead, token_loss_chunked
 
 METHODS = ("naive_ce_kl", "naive_ce", "chunked_ce_kl", "chunked_ce", "chunked_paper")
 OBJECTIVES = {
@@ -159,6 +162,9 @@ def naive(inputs: dict[str, Any], with_kl: bool) -> torch.Tensor:
 
 
 def chunked(inputs: dict[str, Any], objective: dict, chunk_size: int) -> torch.Tensor:
+    """uapt's chunked path (imported here: measuring the naive path needs no uapt)."""
+    from uapt.objectives import OutputHead, token_loss_chunked
+
     head = OutputHead(inputs["weight"])
     teacher_head = OutputHead(inputs["teacher_weight"])
     result = token_loss_chunked(
@@ -188,36 +194,136 @@ def run_method(name: str, inputs: dict[str, Any], args: argparse.Namespace) -> f
 # ------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def free(device: torch.device) -> None:
+    """Drop what the last call left: Python's garbage and, on CUDA, the allocator's cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
-    except OSError:
-        return False
+def timed_ms(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """fn's result and its time in ms: CUDA events on a GPU (work is asynchronous), else a clock."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return out, start.elapsed_time(end)
 
 
-class _RssSampler(threading.Thread):
-    """Fallback: the highest RSS seen by a 1 ms sampler (a lower bound of the true peak)."""
+class CpuPeak:
+    """Extra peak memory on CPU, exact to the page, no sampling.
+
+    glibc's mmap threshold is lowered to 64 KiB, so every tensor of that size or more is its own
+    mapping and goes back to the OS when freed: the resident set then tracks live tensors. Free
+    heap memory that earlier work left resident (smaller blocks, or blocks from before the
+    threshold was lowered) is given back too (malloc_trim) before the measured call: reused, it
+    would hide the call's own memory. The kernel's high-water mark is reset (clear_refs 5), and
+    the figure is VmHWM - VmRSS(before). Where either is unavailable (another libc, no /proc)
+    `available` is False and no exact figure can be had.
+    """
+
+    M_MMAP_THRESHOLD = -3
 
     def __init__(self) -> None:
-        super().__init__(daemon=True)
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            lowered = self.libc.mallopt(self.M_MMAP_THRESHOLD, 65536)
+            self.available = bool(lowered) and self._reset()
+        except (OSError, AttributeError):
+            self.available = False
+
+    @staticmethod
+    def _kb(field_name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+    def _reset(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return self._kb("VmHWM") <= self._kb("VmRSS") + 1024
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[dict[str, float]]:
+        out: dict[str, float] = {}
+        self.libc.malloc_trim(0)
+        self._reset()
+        before = self._kb("VmRSS")
+        yield out
+        out["extra_mb"] = (self._kb("VmHWM") - before) / 1024
+
+
+class RssSampler:
+    """Fallback where CpuPeak is not available: the highest RSS seen by a 1 ms sampler (a lower
+    bound of the true peak)."""
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[dict[str, float]]:
         import psutil
 
-        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        proc, stop, out = psutil.Process(), threading.Event(), {}
+        before, peak = proc.memory_info().rss, [0]
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        yield out
+        stop.set()
+        thread.join()
+        out["extra_mb"] = (peak[0] - before) / MB
+
+
+@contextlib.contextmanager
+def cuda_peak(device: torch.device) -> Iterator[dict[str, float]]:
+    """Extra peak memory of the block: max_memory_allocated - memory_allocated before."""
+    out: dict[str, float] = {}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield out
+    torch.cuda.synchronize(device)
+    out["extra_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
+
+
+def measure(
+    run: Callable[[], float],
+    device: torch.device,
+    repeat: int,
+    peak: CpuPeak | RssSampler | None = None,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """`run` (one loss forward + backward) after `warmup` untimed calls (kernels, allocator,
+    thread pools: not the loss's memory): its value, the extra peak memory of the first measured
+    call (`memory` says how: CUDA's allocator, or `peak` on CPU; None without either) and the
+    times in ms of `repeat` calls."""
+    for _ in range(warmup):
+        run()
+    free(device)
+    if device.type == "cuda":
+        with cuda_peak(device) as mem:
+            loss, first = timed_ms(run, device)
+        how = "cuda_max_memory_allocated"
+    elif peak is not None and getattr(peak, "available", True):
+        with peak.measure() as mem:
+            loss, first = timed_ms(run, device)
+        how = "cpu_rss_high_water_mark" if isinstance(peak, CpuPeak) else "rss_sampled_lower_bound"
+    else:
+        mem, how = {}, "not measured: no /proc clear_refs or glibc mallopt here"
+        loss, first = timed_ms(run, device)
+    times = [first] + [timed_ms(run, device)[1] for _ in range(repeat - 1)]
+    return {"loss": loss, "extra_mb": mem.get("extra_mb"), "memory": how, "ms": times}
 
 
 def measure_cpu_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,29 +332,22 @@ def measure_cpu_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs = make_inputs(args)
-    for _ in range(args.warmup):  # code pages, thread pools: not the loss's memory
-        run_method(args.worker, inputs, args)
-    before_kb = _status_kb("VmRSS")
-    exact = _reset_hwm()
-    sampler = None
-    if not exact:
-        sampler = _RssSampler()
-        sampler.start()
-    t0 = time.perf_counter()
-    loss = run_method(args.worker, inputs, args)
-    seconds = time.perf_counter() - t0
-    if exact:
-        extra = (_status_kb("VmHWM") - before_kb) * 1024
-    else:
-        sampler.stop.set()
-        sampler.join()
-        extra = sampler.peak - before_kb * 1024
-    for _ in range(args.repeat - 1):
-        t0 = time.perf_counter()
-        run_method(args.worker, inputs, args)
-        seconds = min(seconds, time.perf_counter() - t0)
-    how = "rss_hwm" if exact else "rss_sampled_lower_bound"
-    return dict(method=args.worker, extra_mb=extra / MB, seconds=seconds, loss=loss, memory=how)
+    peak = CpuPeak()
+    m = measure(
+        lambda: run_method(args.worker, inputs, args),
+        torch.device("cpu"),
+        args.repeat,
+        peak if peak.available else RssSampler(),
+        warmup=args.warmup,
+    )
+    how = {"cpu_rss_high_water_mark": "rss_hwm"}.get(m["memory"], m["memory"])
+    return dict(
+        method=args.worker,
+        extra_mb=m["extra_mb"],
+        seconds=min(m["ms"]) / 1000,
+        loss=m["loss"],
+        memory=how,
+    )
 
 
 def measure_cpu(name: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -261,23 +360,14 @@ def measure_cpu(name: str, args: argparse.Namespace, argv: list[str]) -> dict[st
 
 
 def measure_cuda(name: str, inputs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    run_method(name, inputs, args)  # warm-up (kernels, allocator)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    loss = run_method(name, inputs, args)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    extra = torch.cuda.max_memory_allocated() - before
-    for _ in range(args.repeat - 1):
-        t0 = time.perf_counter()
-        run_method(name, inputs, args)
-        torch.cuda.synchronize()
-        seconds = min(seconds, time.perf_counter() - t0)
+    device = torch.device(args.device)
+    m = measure(lambda: run_method(name, inputs, args), device, args.repeat)
     return dict(
-        method=name, extra_mb=extra / MB, seconds=seconds, loss=loss, memory="cuda_max_allocated"
+        method=name,
+        extra_mb=m["extra_mb"],
+        seconds=min(m["ms"]) / 1000,
+        loss=m["loss"],
+        memory="cuda_max_allocated",
     )
 
 

@@ -69,7 +69,7 @@ def run_overrides(model: str, extra: list[str]) -> list[str]:
 def uapt_loop(cfg: dict[str, Any]):
     """uapt's Trainer with its pieces (common.uapt_trainer), without gradient accumulation."""
     trainer, parts = uapt_trainer(cfg)
-    if trainer.trainer.accumulation(1) != 1:
+    if trainer.config.accumulation(1) != 1:
         raise ValueError("trainer_throughput compares without gradient accumulation")
     return trainer, parts
 
@@ -88,9 +88,11 @@ def stream_rows(stream, batches: range) -> list[dict[str, list[int]]]:
 
 
 class StepClock:
-    """A transformers callback noting the time at the end of every optimizer step."""
+    """A transformers callback noting the time at the end of every optimizer step (on CUDA once
+    the step's kernels are done)."""
 
-    def __new__(cls):
+    def __new__(cls, device):
+        import torch
         from transformers import TrainerCallback
 
         class _Clock(TrainerCallback):
@@ -98,13 +100,17 @@ class StepClock:
                 self.ends: list[float] = []
 
             def on_step_end(self, args, state, control, **kwargs):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 self.ends.append(time.perf_counter())
 
         return _Clock()
 
 
 def hf_trainer(cfg: dict[str, Any], model, pad_id: int, steps: int, out_dir: str, device):
-    """transformers.Trainer with uapt's optimisation settings; the data is set per block."""
+    """transformers.Trainer with uapt's optimisation settings (cfg["trainer"]: AdamW, lr, betas,
+    decay, clipping, warm-up, cosine, bf16 autocast for trainer.precision=bf16), rows padded by
+    uapt's collate, no eval, saving or logging; the data is set per block (train_dataset)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from uapt.data import collate
@@ -123,7 +129,7 @@ def hf_trainer(cfg: dict[str, Any], model, pad_id: int, steps: int, out_dir: str
         warmup_steps=t["warmup_steps"],
         lr_scheduler_type="cosine",
         optim="adamw_torch",
-        bf16=False,
+        bf16=t["precision"] == "bf16",
         fp16=False,
         eval_strategy="no",
         save_strategy="no",
@@ -136,7 +142,7 @@ def hf_trainer(cfg: dict[str, Any], model, pad_id: int, steps: int, out_dir: str
         use_cpu=device.type == "cpu",
         seed=cfg["seed"],
     )
-    clock = StepClock()
+    clock = StepClock(device)
     trainer = Trainer(
         model=model,
         args=args,

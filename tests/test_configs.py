@@ -146,3 +146,28 @@ def test_every_tuned_point_composes_at_its_tuned_values(tuned, tmp_path):
             HydraConfig.instance().cfg = None  # leave no Hydra state to the next test
         assert plain["trainer"]["lr"] == lr == doc["tuned"]["best"][point]["trainer.lr"]
         validate(plain)
+
+
+def test_a_renamed_key_is_refused_naming_the_new_one(monkeypatch, caplog):
+    """trainer.eval_every is trainer.val_every now: in a config file (or a `+` override) the
+    section refuses it; as a plain override Hydra would only call it unknown, so uapt-train and
+    uapt-eval refuse it before Hydra composes, with exit status 2."""
+    from uapt import train
+    from uapt.config import refuse_renamed_keys
+    from uapt.evaluation import cli
+
+    message = r"trainer\.eval_every was renamed: use trainer\.val_every"
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_plain(["+trainer.eval_every=4"]))
+    for override in ("trainer.eval_every=4", "++trainer.eval_every=1,2", "~trainer.eval_every"):
+        with pytest.raises(ConfigError, match=message):
+            refuse_renamed_keys(["model=tiny", override])
+    refuse_renamed_keys(["trainer.val_every=4", "-m", "--cfg", "job"])  # the new name passes
+    monkeypatch.setattr(train, "setup_logging", lambda: None)  # no terminal handler left behind
+    monkeypatch.setattr("uapt.console.setup_logging", lambda: None)
+    for main in (train.main, cli.main):
+        monkeypatch.setattr("sys.argv", ["uapt", "model=tiny", "trainer.eval_every=4"])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code == 2
+    assert "use trainer.val_every" in caplog.text

@@ -229,11 +229,10 @@ def loss_and_grad_norm(student, teacher, ids, labels, chunk: int, scale: float, 
     backward, global grad norm."""
     from uapt import fsdp
     from uapt.loop import forward_loss
-    from uapt.objectives import parse_objective
+    from uapt.objectives import Objective
 
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    spec = parse_objective(objective(chunk))
-    out = forward_loss(student, teacher, batch, spec, student, counts=counts)
+    out = forward_loss(student, student, teacher, batch, Objective(objective(chunk)), counts=counts)
     (out.total * scale).backward()
     norm = fsdp.clip_grad_norm_(student.parameters(), float("inf"))
     student.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py at --device cpu --quick: the paths a GPU run takes (parity, memory and
+"""benchmarks/gpu_check at --device cpu --quick: the paths a GPU run takes (parity, memory and
 time measurement with the CPU fallbacks, uapt-train training steps against
 transformers.Trainer, one run end to end) run here, and the record they write holds what
 docs/performance.md renders. No speed is asserted (the machine is shared)."""
@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import gpu_check  # noqa: E402
 import gpu_report  # noqa: E402
+from gpu_check import check, cli, parity, train_step  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ STATUSES = {"measured", "partly measured", "not measured", "failed"}
 def record(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu_check")
     path = out / "gpu_check.json"
-    cmd = [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--quick"]
+    cmd = [sys.executable, str(BENCH / "gpu_check"), "--device", "cpu", "--quick"]
     cmd += ["--json", str(path), "--work-dir", str(out / "work")]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"gpu_check exited {proc.returncode}:\n{proc.stdout[-3000:]}"
@@ -49,7 +49,7 @@ def test_record_says_where_and_what(record):
     machine = record["machine"]
     assert machine["versions"]["torch"].startswith("2.13.0") and machine["gpu"] is None
     assert record["packages"]["torch"]["found"] is True
-    assert list(record["sections"]) == list(gpu_check.SECTIONS)
+    assert list(record["sections"]) == list(cli.SECTIONS)
     for section in record["sections"].values():
         assert section["status"] in STATUSES and section["seconds"] >= 0
         assert section["status"] != "failed", section.get("why")
@@ -62,13 +62,13 @@ def test_parity_holds_on_every_named_objective(record):
     distance to fp32 on the same inputs), which is what the bf16 tolerance is sized on."""
     section = record["sections"]["parity"]
     rows = items(record, "parity")
-    names = [f"{o} {d}" for d in ("fp32", "bf16") for o in gpu_check.PARITY_OBJECTIVES]
+    names = [f"{o} {d}" for d in ("fp32", "bf16") for o in parity.PARITY_OBJECTIVES]
     assert list(rows) == names and section["all_ok"] is True
     for row in rows.values():
-        tol = gpu_check.PARITY_TOL[row["dtype"]]
+        tol = parity.PARITY_TOL[row["dtype"]]
         assert row["measured"] and row["ok"], row
         assert row["loss_rel"] <= tol["loss"]
-        assert row["kept_agree"] >= gpu_check.KEPT_TOL[row["dtype"]]
+        assert row["kept_agree"] >= parity.KEPT_TOL[row["dtype"]]
         if row["flips"]:  # a near tie at the K-th place decided differently: allowed, rare
             continue
         assert max(row["grad_hidden_rel"], row["grad_weight_rel"]) <= tol["grad"]
@@ -94,7 +94,7 @@ def test_loss_memory_measures_with_the_cpu_fallback(record):
             assert chunked["loss"] == pytest.approx(naive["loss"], rel=1e-4)
             for row in (naive, chunked):
                 assert row["memory"] == "cpu_rss_high_water_mark" and row["extra_mb"] > 0
-                assert row["ms"]["n"] == gpu_check.QUICK.loss_reps and row["ms"]["min"] > 0
+                assert row["ms"]["n"] == check.QUICK.loss_reps and row["ms"]["min"] > 0
             # full [T, V] logits vs one chunk at a time: the point of the chunked path
             assert chunked["extra_mb"] < naive["extra_mb"]
             liger = rows[f"liger_{kind} {tokens} tokens"]
@@ -110,8 +110,8 @@ def test_loss_memory_measures_with_the_cpu_fallback(record):
 def test_train_step_compares_objectives_and_transformers(record):
     section = record["sections"]["train_step"]
     rows = items(record, "train_step")
-    assert list(rows) == [*gpu_check.VARIANTS, "transformers.Trainer mle"]
-    sizes = gpu_check.QUICK
+    assert list(rows) == [*train_step.VARIANTS, "transformers.Trainer mle"]
+    sizes = check.QUICK
     for row in rows.values():
         assert row["measured"], row
         assert (
@@ -119,7 +119,7 @@ def test_train_step_compares_objectives_and_transformers(record):
         )
         assert row["tokens_per_step"] == sizes.batch * sizes.seq
         assert row["tokens_per_s"]["median"] > 0 and row["peak_mem_mb"] > 0
-    for name in gpu_check.VARIANTS:
+    for name in train_step.VARIANTS:
         assert rows[name]["status"] == "completed" and rows[name]["rows_cut_to_seq"] is True
         assert "python -m uapt.train" in rows[name]["command"]
     cache = rows["masked_mle_distill_cached"]["teacher_cache"]
@@ -127,7 +127,7 @@ def test_train_step_compares_objectives_and_transformers(record):
     mle = rows["mle"]["tokens_per_s"]["median"]
     for name, ratio in section["ratios_vs_mle"].items():
         assert ratio["ratio"] == pytest.approx(mle / rows[name]["tokens_per_s"]["median"])
-        target = gpu_check.TARGETS.get(name)
+        target = train_step.TARGETS.get(name)
         assert ratio["met"] == (None if target is None else ratio["ratio"] <= target)
     hf = rows["transformers.Trainer mle"]
     assert hf["ratio_uapt_over_hf"]["ratio"] == pytest.approx(mle / hf["tokens_per_s"]["median"])
@@ -135,12 +135,12 @@ def test_train_step_compares_objectives_and_transformers(record):
     # the Trainer trained what uapt's record says it built
     built = rows["mle"]["model_config"]
     assert built["path"] is None
-    for key, value in gpu_check.LLAMA_QUICK.items():
+    for key, value in check.LLAMA_QUICK.items():
         if key == "rope_scaling":  # transformers adds rope_theta into the dict it is given
             assert built["config"][key].items() >= value.items()
         else:
             assert built["config"][key] == value, key
-    assert section["config"]["model_config"] == gpu_check.LLAMA_QUICK
+    assert section["config"]["model_config"] == check.LLAMA_QUICK
 
 
 def test_end_to_end_run_and_ddp(record):
@@ -166,7 +166,7 @@ def test_markdown_says_no_gpu_and_keeps_the_rest_of_the_page(record, tmp_path):
     text = gpu_report.render_markdown(record)
     assert text.startswith("## GPU\n") and "**No GPU figures yet.**" in text
     assert f"Date: {record['started_at']}" in text and "no GPU:" in text
-    for name in gpu_check.SECTIONS:
+    for name in cli.SECTIONS:
         assert f"### GPU: {name}" in text
     assert "liger_ce 128 tokens" in text and "CUDA only" in text
     doc = tmp_path / "performance.md"
@@ -184,19 +184,19 @@ def test_markdown_says_no_gpu_and_keeps_the_rest_of_the_page(record, tmp_path):
 
 # ----------------------------------------------------------------------------- degradation
 def test_missing_packages_leave_sections_out_by_name(tmp_path):
-    packages = gpu_check.package_table()
+    packages = check.package_table()
     packages["hydra"] = {**packages["hydra"], "found": False}
-    check = gpu_check.Check(torch_device("cpu"), True, gpu_check.QUICK, tmp_path, deadline=None)
+    state = check.Check(torch_device("cpu"), True, check.QUICK, tmp_path, deadline=None)
     for section in ("train_step", "e2e"):
-        result = gpu_check.run_section(section, check, packages)
+        result = cli.run_section(section, state, packages)
         assert result["status"] == "not measured" and "hydra-core" in result["why"]
-    gaps = gpu_check.unmeasured({"e2e": result})
+    gaps = cli.unmeasured({"e2e": result})
     assert gaps == [{"section": "e2e", "item": "(whole section)", "why": result["why"]}]
 
 
 def test_time_budget_names_what_it_skips(tmp_path):
-    check = gpu_check.Check(torch_device("cpu"), True, gpu_check.QUICK, tmp_path, deadline=0.0)
-    result = gpu_check.run_section("parity", check, gpu_check.package_table())
+    state = check.Check(torch_device("cpu"), True, check.QUICK, tmp_path, deadline=0.0)
+    result = cli.run_section("parity", state, check.package_table())
     assert result["status"] == "not measured"
     assert all("--deadline-s" in row["why"] for row in result["items"])
 
@@ -232,20 +232,20 @@ def test_a_rerun_record_replaces_only_its_sections():
 
 def test_hydra_values_and_failed_items():
     assert (
-        gpu_check.hydra_value({"a": 1e-05, "b": {"c": True}, "d": "x"})
+        train_step.hydra_value({"a": 1e-05, "b": {"c": True}, "d": "x"})
         == "{a:1e-05,b:{c:true},d:x}"
     )
-    row = gpu_check.guarded("boom", lambda: 1 / 0)
+    row = check.guarded("boom", lambda: 1 / 0)
     assert row == {
         "item": "boom",
         "measured": False,
         "error": True,
         "why": "ZeroDivisionError: division by zero",
     }
-    assert gpu_check.section_status([row]) == "failed"
+    assert cli.section_status([row]) == "failed"
     ok = {"item": "a", "measured": True}
-    assert gpu_check.section_status([ok, {"item": "b", "measured": False}]) == "partly measured"
-    assert gpu_check.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert cli.section_status([ok, {"item": "b", "measured": False}]) == "partly measured"
+    assert check.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
 
 
 def torch_device(name: str):

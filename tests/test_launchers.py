@@ -86,13 +86,15 @@ def test_visible_gpus_follows_cuda_visible_devices(monkeypatch):
 
 
 def test_preempt_signal_is_submitits(monkeypatch):
+    from uapt.loop import preempt_signal
+
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
-    assert launch.preempt_signal() == signal.SIGUSR2  # submitit 1.5's default, not USR1
+    assert preempt_signal() == signal.SIGUSR2  # submitit 1.5's default, not USR1
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    assert launch.preempt_signal() == signal.SIGUSR1
+    assert preempt_signal() == signal.SIGUSR1
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "BOGUS")
     with pytest.raises(ValueError, match="SUBMITIT_PREEMPT_SIGNAL"):
-        launch.preempt_signal()
+        preempt_signal()
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -209,7 +211,9 @@ def test_slurm_sbatch_script_carries_our_settings(tmp_path, monkeypatch):
     assert launcher.launch(grid, initial_job_idx=0) == ["4242_0", "4242_1", "4242_2"]
 
     (text,) = sbatch  # one array for the whole grid
-    signal_name = launch.preempt_signal().name.removeprefix("SIG")  # what train.py must catch
+    from uapt.loop import preempt_signal
+
+    signal_name = preempt_signal().name.removeprefix("SIG")  # what the loop checkpoints on
     for line in [
         "#SBATCH --partition=gpu",
         "#SBATCH --account=my_project",

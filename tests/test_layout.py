@@ -142,3 +142,40 @@ def test_readme_layout_names_every_folder_and_module():
 
 
 IGNORED = {"runs", "build", "dist", "wandb", "outputs", "multirun", "node_modules"}
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from <uapt module> import _name` and `<uapt module>._name`: another module's private
+    names, at the top or inside a function."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules_bound, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "uapt":
+            found += [f"{node.module}.{a.name}" for a in node.names if _private(a.name)]
+            modules_bound |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            modules_bound |= {a.asname or a.name for a in node.names if a.name.startswith("uapt")}
+    for node in ast.walk(tree):
+        value = node.value if isinstance(node, ast.Attribute) else None
+        if isinstance(value, ast.Name) and value.id in modules_bound and _private(node.attr):
+            found.append(f"{value.id}.{node.attr}")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in modules() if n))
+def test_no_module_uses_another_modules_private_names(name):
+    found = private_imports(modules()[name])
+    assert not found, f"{name} uses private names of other modules: {found} (make them public)"
+
+
+def test_the_private_name_reader_sees_imports_and_attributes(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "from uapt import files\nfrom uapt.table.values import _canon, line_of\n"
+        "def f():\n    return files._tmp(), files.publish, self._own\n"
+    )
+    assert private_imports(source) == ["uapt.table.values._canon", "files._tmp"]

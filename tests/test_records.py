@@ -181,3 +181,13 @@ def test_committed_configs_keep_their_ids(folder):
     their ids."""
     record = json.loads((REPO / "docs/results/cpu_repro/runs" / folder / "run.json").read_text())
     assert records.run_id(record["config"]) == PINNED_IDS[folder]
+
+
+@pytest.mark.parametrize("folder", sorted(PINNED_IDS))
+def test_the_renamed_val_every_keeps_the_committed_ids(folder):
+    """The records were made when trainer.val_every was trainer.eval_every: the same config
+    under the new name (what `sweep=cpu_repro` composes now) has the pinned id."""
+    record = json.loads((REPO / "docs/results/cpu_repro/runs" / folder / "run.json").read_text())
+    config = copy.deepcopy(record["config"])
+    config["trainer"]["val_every"] = config["trainer"].pop("eval_every")
+    assert records.run_id(config) == PINNED_IDS[folder]

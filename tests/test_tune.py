@@ -149,7 +149,7 @@ def test_the_cpu_repro_search_matches_the_grid_it_tunes():
         grid = OmegaConf.to_container(compose("train", ["sweep=cpu_repro"]), resolve=False)
     for section in ("model", "dataset", "objective"):
         assert search[section] == grid[section], section
-    same = {k: v for k, v in search["trainer"].items() if k not in ("lr", "eval_every")}
+    same = {k: v for k, v in search["trainer"].items() if k not in ("lr", "val_every")}
     assert same == {k: grid["trainer"][k] for k in same}
     assert search["eval"]["name"] == "none"
     assert Path(REPO / "sweeps" / "cpu_repro_lr.yaml").exists()

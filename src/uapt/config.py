@@ -10,7 +10,7 @@ Unknown keys are errors too: an option that is silently ignored is worse than no
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -35,7 +35,7 @@ from uapt.schema import (
 )
 from uapt.tracking import LoggerConfig
 
-__all__ = ["ConfigError", "RunConfig", "accumulation_steps", "validate"]
+__all__ = ["ConfigError", "RunConfig", "accumulation_steps", "refuse_renamed_keys", "validate"]
 
 SEED_MAX = 2**32 - 1  # numpy's and every derived generator's range
 
@@ -94,3 +94,24 @@ class RunConfig(Section):
 def validate(cfg: Mapping[str, Any]) -> RunConfig:
     """The checked RunConfig of a resolved run config; ConfigError naming the first bad key."""
     return RunConfig.parse(cfg)
+
+
+def renamed_keys() -> dict[str, str]:
+    """Every renamed key as `section.old` -> `section.new` (the sections' RENAMED)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(RunConfig):
+        section = f.metadata.get("section")
+        if section is not None:
+            out |= {f"{f.name}.{old}": f"{f.name}.{new}" for old, new in section.RENAMED.items()}
+    return out
+
+
+def refuse_renamed_keys(overrides: Sequence[str]) -> None:
+    """ConfigError naming the new key when a command-line override sets (`key=`, `+key=`,
+    `++key=`) or deletes (`~key`) a renamed one: Hydra would refuse it as unknown without
+    saying what it is called now. A config file's renamed key is refused by its section."""
+    renamed = renamed_keys()
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("~+")
+        if not arg.startswith("-") and key in renamed:
+            raise ConfigError(f"{key} was renamed: use {renamed[key]}")

@@ -1,4 +1,4 @@
-"""Sweep launchers: grid points as parallel processes on one machine; SLURM's pre-timeout signal.
+"""Sweep launchers: grid points as parallel processes on one machine, or a SLURM job array.
 
     uapt-train sweep=objectives hydra/launcher=local_parallel        # conf/hydra/launcher/
     uapt-train sweep=paper_grid hydra/launcher=slurm hydra.launcher.partition=gpu
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,24 +34,12 @@ from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger("uapt")
 
-PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own switch (default USR2)
 CPUS_PER_CPU_JOB = 4  # default threads of a CPU-only job: more jobs of fewer threads scale better
 # After SLURM says a job ended, how long its result file may take to appear (a shared filesystem's
 # attribute cache); submitit's own wait. Past it the grid point is failed.
 RESULT_GRACE_S = 15.0
 QUEUE_CHECK_S = 10.0  # between squeue calls, only while some job's state is unknown to sacct
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def preempt_signal() -> signal.Signals:
-    """The signal submitit has SLURM (`--signal=<sig>@<signal_delay_s>`) and its local controller
-    send before the time limit, and on which it requeues the job: USR2 unless
-    SUBMITIT_PREEMPT_SIGNAL names another. The training loop must checkpoint on it too."""
-    name = os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper().removeprefix("SIG")
-    try:
-        return signal.Signals[f"SIG{name}"]
-    except KeyError:
-        raise ValueError(f"{PREEMPT_SIGNAL_ENV}={name!r}: not a signal name (e.g. USR2)") from None
 
 
 # ----------------------------------------------------------------------------- the machine

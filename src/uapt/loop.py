@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import threading
@@ -37,19 +38,16 @@ from uapt import (
 )
 from uapt.batches import BatchStream, select_global, to_device
 from uapt.data import collate
-from uapt.launch import preempt_signal
 from uapt.models import hidden_states, unwrap_ddp
 from uapt.models import logits as model_logits
 from uapt.objectives import (
     Counts,
-    ObjectiveSpec,
+    Hidden,
+    Objective,
+    TeacherTopK,
     TokenLoss,
     kept_overlap,
     output_head,
-    token_loss,
-    token_loss_chunked,
-    token_scores,
-    token_scores_chunked,
 )
 from uapt.schema import (
     BOOL,
@@ -81,6 +79,9 @@ class TrainerConfig(Section):
 
     SECTION: ClassVar[str] = "trainer"
     DEFAULTS: ClassVar[str] = "trainer/default.yaml"
+    # eval_every scheduled the validation loss, not the eval= suite (its id contribution keeps
+    # the old name: uapt.records.HASHED_AS)
+    RENAMED: ClassVar[Mapping[str, str]] = {"eval_every": "val_every"}
 
     max_steps: int = option(number(1, integer=True))
     batch_size: int = option(number(1, integer=True))
@@ -94,7 +95,7 @@ class TrainerConfig(Section):
     precision: str = option(one_of("fp32", "bf16"))
     device: str = option(satisfies(_device_ok, "auto, cpu, cuda or cuda:N"))
     log_every: int = option(number(1, integer=True))
-    eval_every: int = option(number(0, integer=True))
+    val_every: int = option(number(0, integer=True))
     val_batches: int | None = option(optional(number(1, integer=True)))
     deterministic: bool = option(BOOL)
     checkpoint_every: int = option(number(0, integer=True))
@@ -156,103 +157,61 @@ def make_optimizer(model: torch.nn.Module, trainer: TrainerConfig) -> torch.opti
     return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas))
 
 
-def _teacher_inputs(teacher, batch, objective: ObjectiveSpec, kept) -> tuple[Any, Any]:
-    """(live teacher module or None, cached TeacherTopK or None) for one forward: the teacher is
-    read for distillation, and for selection by excess loss when the forward selects."""
-    needed = objective.distill_weight > 0 or (
-        kept is None and objective.mask_ratio > 0 and objective.select == "excess"
-    )
-    if not needed or teacher is None:
-        return None, None
+Teacher = torch.nn.Module | teacher_cache.TeacherCache | None
+
+
+def model_outputs(
+    runner: torch.nn.Module,
+    model: torch.nn.Module,
+    teacher: Teacher,
+    batch: Mapping[str, torch.Tensor],
+    objective: Objective,
+    *,
+    reads_teacher: bool,
+    packed: bool = False,
+) -> tuple[torch.Tensor | Hidden, torch.Tensor | Hidden | TeacherTopK | None]:
+    """The forward pass of one micro-batch: what the objective takes of the student and, when
+    it reads it (`reads_teacher`), of the teacher. Logits, or with objective.chunk_size hidden
+    states with their output layer (never [batch, time, vocab] logits). `runner` runs forward
+    (it may be a DDP wrapper); `model` is the unwrapped model whose output layer the chunked
+    path applies itself. The teacher is the frozen model (live, run without gradients) or a
+    TeacherCache (read, never run). `packed`: the rows run as one sequence without padding
+    (models.packed_forward); the objective sees them as rows all the same."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if objective.chunked:
+        student = Hidden(hidden_states(runner, ids, mask, packed=packed), output_head(model))
+    else:
+        student = model_logits(runner, ids, mask, packed=packed)
+    if not reads_teacher or teacher is None:
+        return student, None
     if isinstance(teacher, teacher_cache.TeacherCache):
-        return None, teacher.lookup(batch)
-    return teacher, None
+        return student, teacher.lookup(batch)
+    with torch.no_grad():
+        if objective.chunked:
+            states = hidden_states(teacher, ids, mask, packed=packed)
+            return student, Hidden(states, output_head(teacher))
+        return student, model_logits(teacher, ids, mask, packed=packed)
 
 
 def forward_loss(
+    runner: torch.nn.Module,
     model: torch.nn.Module,
-    teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
+    teacher: Teacher,
     batch: Mapping[str, torch.Tensor],
-    objective: ObjectiveSpec,
-    bare: torch.nn.Module | None = None,
+    objective: Objective,
     *,
     kept: torch.Tensor | None = None,
     counts: Counts | None = None,
     packed: bool = False,
 ) -> TokenLoss:
-    """The objective on one micro-batch: its share of the global batch's token means (`counts`),
-    with the kept set selected here or handed in (`kept`). `model` runs forward (it may be a DDP
-    wrapper); `bare` is the unwrapped model whose output layer the chunked path applies itself.
-    The teacher is the frozen model (live) or a TeacherCache (read, never run). `packed`: the
-    rows run as one sequence without padding (models.packed_forward); the objective sees them
-    as rows all the same."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    teacher, cached = _teacher_inputs(teacher, batch, objective, kept)
-    if objective.chunk_size:
-        hidden = hidden_states(model, ids, mask, packed=packed)
-        teacher_hidden = teacher_head = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_hidden = hidden_states(teacher, ids, mask, packed=packed)
-            teacher_head = output_head(teacher)
-        return token_loss_chunked(
-            hidden,
-            labels,
-            objective,
-            output_head(bare or model),
-            teacher_hidden,
-            teacher_head,
-            chunk_size=objective.chunk_size,
-            cached_teacher=cached,
-            kept=kept,
-            counts=counts,
-        )
-    student_logits = model_logits(model, ids, mask, packed=packed)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = model_logits(teacher, ids, mask, packed=packed)
-    return token_loss(
-        student_logits,
-        labels,
-        objective,
-        teacher_logits,
-        cached_teacher=cached,
-        kept=kept,
-        counts=counts,
+    """The objective on one micro-batch: its share of the global batch's token means
+    (`counts`), with the kept set selected here or handed in (`kept`); the forward pass as in
+    `model_outputs`."""
+    reads = objective.reads_teacher(selects=kept is None)
+    student, teacher_out = model_outputs(
+        runner, model, teacher, batch, objective, reads_teacher=reads, packed=packed
     )
-
-
-@torch.no_grad()
-def forward_scores(
-    model: torch.nn.Module,
-    teacher: torch.nn.Module | teacher_cache.TeacherCache | None,
-    batch: Mapping[str, torch.Tensor],
-    objective: ObjectiveSpec,
-    packed: bool = False,
-) -> torch.Tensor:
-    """Selection scores [B, T] of one micro-batch (no grad), for a selection over more rows."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    teacher, cached = _teacher_inputs(teacher, batch, objective, None)
-    if objective.chunk_size:
-        teacher_hidden = None
-        if teacher is not None:
-            teacher_hidden = hidden_states(teacher, ids, mask, packed=packed)
-        return token_scores_chunked(
-            hidden_states(model, ids, mask, packed=packed),
-            labels,
-            objective,
-            output_head(model),
-            teacher_hidden,
-            output_head(teacher) if teacher is not None else None,
-            chunk_size=objective.chunk_size,
-            cached_teacher=cached,
-        )
-    teacher_logits = None
-    if teacher is not None:
-        teacher_logits = model_logits(teacher, ids, mask, packed=packed)
-    student_logits = model_logits(model, ids, mask, packed=packed)
-    return token_scores(student_logits, labels, objective, teacher_logits, cached_teacher=cached)
+    return objective.loss(student, batch["labels"], teacher_out, kept=kept, counts=counts)
 
 
 @torch.no_grad()
@@ -272,11 +231,15 @@ def validation_loss(model, dataset, trainer: TrainerConfig, pad_id: int, device)
 
 @dataclass
 class Trainer:
-    trainer: TrainerConfig
-    objective: ObjectiveSpec
+    """The loop's state: what it trains with (config, objective, model, teacher, data) and where
+    it is (optimizer, schedule, step, the curriculum probe's last kept set)."""
+
+    config: TrainerConfig
+    objective: Objective
     seed: int  # the run's seed: selection noise of the curriculum probe
-    model: torch.nn.Module  # what runs forward: the model (sharded under FSDP) or its DDP wrapper
-    teacher: torch.nn.Module | teacher_cache.TeacherCache | None
+    runner: torch.nn.Module  # what runs forward and backward: the model's DDP wrapper, or the
+    # model itself (one process; FSDP shards the model in place)
+    teacher: Teacher
     stream: BatchStream
     device: torch.device
     world: distributed.World = field(default_factory=distributed.World)
@@ -284,47 +247,60 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     step: int = 0
     probe: list[dict[str, Any]] = field(default_factory=list)  # fixed rows: the curriculum probe
-    val_set: Any = None  # held-out rows: validation loss every trainer.eval_every steps
+    val_set: Any = None  # held-out rows: validation loss every trainer.val_every steps
     probe_kept: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.optimizer = make_optimizer(self.model, self.trainer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.trainer))
+        self.optimizer = make_optimizer(self.runner, self.config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.config))
 
     @property
-    def bare(self) -> torch.nn.Module:
-        """The model without its DDP wrapper (its output layer feeds the chunked loss)."""
-        return unwrap_ddp(self.model)
+    def model(self) -> torch.nn.Module:
+        """The model itself, without a DDP wrapper: its output layer feeds the chunked loss, its
+        weights are what checkpoints save."""
+        return unwrap_ddp(self.runner)
 
     def autocast(self):
-        if self.trainer.precision != "bf16":
+        if self.config.precision != "bf16":
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    @torch.no_grad()
     def scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Selection scores of a micro-batch, for selections over more rows than it holds."""
+        """Selection scores of a micro-batch, for selections over more rows than it holds (no
+        gradients: the model runs without its DDP wrapper)."""
         with self.autocast():
-            return forward_scores(
-                self.bare, self.teacher, batch, self.objective, self.trainer.packing
+            student, teacher = model_outputs(
+                self.model,
+                self.model,
+                self.teacher,
+                batch,
+                self.objective,
+                reads_teacher=self.objective.reads_teacher(scoring=True),
+                packed=self.config.packing,
             )
+            return self.objective.scores(student, batch["labels"], teacher)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of the global batch."""
         started, parts, tokens, computed = time.perf_counter(), [], 0, 0
-        plan = self.stream.plan(self.step, self.objective, self.scores, self.world, self.device)
+        spec = self.objective.spec
+        plan = self.stream.plan(self.step, spec, self.scores, self.world, self.device)
         for micro, batch in enumerate(plan.batches):
             last = micro == len(plan.batches) - 1
-            sync = nullcontext() if last or not self.world.distributed else fsdp.no_sync(self.model)
+            sync = (
+                nullcontext() if last or not self.world.distributed else fsdp.no_sync(self.runner)
+            )
             with sync, self.autocast():
                 out = forward_loss(
+                    self.runner,
                     self.model,
                     self.teacher,
                     batch,
                     self.objective,
-                    self.bare,
                     kept=plan.kept[micro],
                     counts=plan.counts,
-                    packed=self.trainer.packing,
+                    packed=self.config.packing,
                 )
                 # out.total is this micro-batch's share of the global batch's token means: the
                 # shares of all micro-batches and ranks sum to the step's loss. DDP and FSDP
@@ -332,9 +308,9 @@ class Trainer:
                 (out.total * self.world.world_size).backward()
             parts.append(out)
             tokens += int(batch["attention_mask"].sum())
-            computed += tokens_computed(batch, self.trainer.packing)
-        clip = self.trainer.grad_clip or float("inf")
-        grad_norm = fsdp.clip_grad_norm_(self.model.parameters(), clip)  # DTensor grads too
+            computed += tokens_computed(batch, self.config.packing)
+        clip = self.config.grad_clip or float("inf")
+        grad_norm = fsdp.clip_grad_norm_(self.runner.parameters(), clip)  # DTensor grads too
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -359,9 +335,9 @@ class Trainer:
     def probe_overlap(self) -> float | None:
         """Kept-set Jaccard overlap on a fixed probe batch since the last probe (the curriculum).
         Every rank scores the whole probe (no collective), a micro-batch at a time."""
-        if not self.probe or not self.objective.mask_ratio:
+        if not self.probe or not self.objective.spec.mask_ratio:
             return None
-        self.model.eval()
+        self.runner.eval()
         size = self.stream.micro_batch_size
         own = [
             list(range(i, min(i + size, len(self.probe)))) for i in range(0, len(self.probe), size)
@@ -375,13 +351,13 @@ class Trainer:
             self.probe,
             own,
             batches,
-            self.objective,
+            self.objective.spec,
             self.scores,
             noise_key,
             distributed.World(),
             self.device,
         )
-        self.model.train()
+        self.runner.train()
         previous, self.probe_kept = self.probe_kept, kept.cpu()
         return None if previous is None else kept_overlap(previous, self.probe_kept)
 
@@ -417,12 +393,26 @@ class Interrupted(Exception):
     """The run stopped on a signal after writing a checkpoint; re-running resumes it."""
 
 
+PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own switch (default USR2)
+
+
+def preempt_signal() -> signal.Signals:
+    """The signal submitit has SLURM (`--signal=<sig>@<signal_delay_s>`) and its local controller
+    send before the time limit, and on which it requeues the job: USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL names another. The loop checkpoints on it (StopSignals)."""
+    name = os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper().removeprefix("SIG")
+    try:
+        return signal.Signals[f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"{PREEMPT_SIGNAL_ENV}={name!r}: not a signal name (e.g. USR2)") from None
+
+
 class StopSignals:
     """The first SIGINT / SIGTERM / SIGUSR1 / SIGUSR2 asks the loop to checkpoint at the next step boundary
     and stop; a second one stops at once. A handler that was installed before (submitit's requeue
     on SLURM's pre-timeout signal) is called after the checkpoint is written."""
 
-    # submitit announces a SLURM time limit with USR2 (launch.preempt_signal); USR1 by hand.
+    # submitit announces a SLURM time limit with USR2 (preempt_signal); USR1 by hand.
     SIGNALS = tuple(
         dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, preempt_signal()))
     )
@@ -472,10 +462,10 @@ def run_loop(
     lock: run_lock.RunLock | None = None,
 ) -> None:
     """Step until max_steps: log, checkpoint, and stop cleanly on a signal."""
-    trainer = loop.trainer
-    every, last_saved = trainer.checkpoint_every, checkpoint.latest(checkpoints)
+    config = loop.config
+    every, last_saved = config.checkpoint_every, checkpoint.latest(checkpoints)
     bar = tqdm(
-        total=trainer.max_steps,
+        total=config.max_steps,
         initial=loop.step,
         desc="train",
         unit="step",
@@ -483,7 +473,7 @@ def run_loop(
         disable=not loop.world.is_main,
     )
     with StopSignals() as stop:
-        while loop.step < trainer.max_steps:
+        while loop.step < config.max_steps:
             if lock:
                 lock.check()
             row = loop.train_step()
@@ -493,13 +483,13 @@ def run_loop(
                     f"non-finite loss ({row['loss']}) at step {loop.step}; "
                     f"last good checkpoint: {last_saved or 'none'}"
                 )
-            if loop.step % trainer.log_every == 0 or loop.step == trainer.max_steps:
+            if loop.step % config.log_every == 0 or loop.step == config.max_steps:
                 row = log_step(loop, row, tracker)
                 metrics.update({f"train/{k}": v for k, v in row.items()})
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_frac']:.2f}")
-            due = every and loop.step % every == 0 and loop.step < trainer.max_steps
+            due = every and loop.step % every == 0 and loop.step < config.max_steps
             if due or stop.received:
-                last_saved = save_checkpoint(loop, loop.bare, checkpoints, metrics) or last_saved
+                last_saved = save_checkpoint(loop, loop.model, checkpoints, metrics) or last_saved
             if stop.received:
                 stop.stop(loop.step, last_saved)
     bar.close()
@@ -507,10 +497,10 @@ def run_loop(
 
 def log_step(loop: Trainer, row: dict[str, Any], tracker: Tracker | None) -> dict:
     row["kept_overlap"] = loop.probe_overlap()
-    every = loop.trainer.eval_every
-    if every and loop.step % every == 0 and loop.step < loop.trainer.max_steps:
+    every = loop.config.val_every
+    if every and loop.step % every == 0 and loop.step < loop.config.max_steps:
         row["val/loss"] = validation_loss(
-            loop.model, loop.val_set, loop.trainer, loop.stream.pad_id, loop.device
+            loop.runner, loop.val_set, loop.config, loop.stream.pad_id, loop.device
         )
     row = {k: v for k, v in row.items() if v is not None}
     if tracker:
@@ -533,7 +523,7 @@ def save_checkpoint(
             loop.optimizer,
             loop.scheduler,
             state,
-            loop.trainer.keep_checkpoints,
+            loop.config.keep_checkpoints,
             *full,
         )
     distributed.barrier(loop.world)

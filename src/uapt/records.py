@@ -67,6 +67,7 @@ def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out[section] = node
     _drop_unused_teacher_keys(out["objective"])
     _canonical_batch_keys(out)
+    _hashed_under_old_names(out)
     if cfg.get("inputs"):  # content fingerprints of local data and models (uapt.inputs)
         out["inputs"] = dict(cfg["inputs"])
     return out
@@ -89,6 +90,21 @@ def _canonical_batch_keys(semantic: dict[str, Any]) -> None:
         del objective["scope_size"]
     if objective.get("select") == "random" and float(objective.get("mask_ratio") or 0) > 0:
         objective["semantics"] = 2
+
+
+# Renamed keys, new name -> the name a run's id hashes them under: the name they had when the
+# committed records were made, so that a renamed key changes no id.
+HASHED_AS = {"trainer": {"val_every": "eval_every"}}
+
+
+def _hashed_under_old_names(semantic: dict[str, Any]) -> None:
+    """trainer.val_every (validation loss every n steps) was trainer.eval_every: a config with
+    the new name hashes as a record made with the old one (which is read back as it is)."""
+    for section, names in HASHED_AS.items():
+        node = semantic[section]
+        for new, old in names.items():
+            if new in node:
+                node[old] = node.pop(new)
 
 
 def _drop_unused_teacher_keys(objective: dict[str, Any]) -> None:

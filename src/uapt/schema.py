@@ -129,6 +129,7 @@ class Section:
 
     SECTION: ClassVar[str]
     DEFAULTS: ClassVar[str | None] = None  # YAML under conf/ with every key's default
+    RENAMED: ClassVar[Mapping[str, str]] = {}  # old key -> its new name: the old one is refused
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -146,6 +147,10 @@ class Section:
             raise ConfigError(f"{where} must be a mapping, got {type(node).__name__}")
         fields = _options(cls)
         unknown = [str(k) for k in node if k not in fields]
+        renamed = [k for k in unknown if k in cls.RENAMED]
+        if renamed:
+            old, new = renamed[0], cls.RENAMED[renamed[0]]
+            raise ConfigError(f"{_key(where, old)} was renamed: use {_key(where, new)}")
         if unknown:
             raise ConfigError(
                 f"{_key(where, unknown[0])} is not a known option; known: {', '.join(fields)}"

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from uapt import (
     tune,
 )
 from uapt.batches import BatchStream
-from uapt.config import RunConfig, validate
+from uapt.config import RunConfig, refuse_renamed_keys, validate
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
@@ -61,6 +62,7 @@ from uapt.models import (
     load_tokenizer,
     make_teacher,
 )
+from uapt.objectives import Objective
 from uapt.packing import check_packing, use_rows_attention
 from uapt.paths import CONF_DIR, publishable
 from uapt.schema import ConfigError
@@ -144,7 +146,14 @@ def make_trainer(
 ) -> Trainer:
     """The loop's state for this run: the model that runs forward, its optimizer and schedule."""
     return Trainer(
-        cfg.trainer, cfg.objective, cfg.seed, parts.runner, parts.teacher, stream, device, world
+        config=cfg.trainer,
+        objective=Objective(cfg.objective),
+        seed=cfg.seed,
+        runner=parts.runner,
+        teacher=parts.teacher,
+        stream=stream,
+        device=device,
+        world=world,
     )
 
 
@@ -419,8 +428,23 @@ def attach_file_log(path: Path) -> logging.Handler:
     return handler
 
 
+def main() -> None:
+    """uapt-train: the command line (sys.argv) composed by Hydra and run. A renamed key among
+    the overrides stops it first, naming the new key (exit status 2)."""
+    try:
+        refuse_renamed_keys(sys.argv[1:])
+    except ConfigError as e:
+        setup_logging()
+        if show_traceback():
+            raise
+        log.error("bad configuration: %s", e)
+        raise SystemExit(2) from None
+    run_command()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def run_command(cfg: DictConfig) -> dict[str, Any]:
+    """One run (or, under a multirun, one grid point) of the composed config."""
     setup_logging()
     multirun = in_multirun()
     try:

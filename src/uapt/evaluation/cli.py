@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uapt.evaluation.run import _number, result_rows, run_suite
+from uapt.evaluation.run import as_number, result_rows, run_suite
 from uapt.paths import CONF_DIR
 from uapt.schema import ConfigError
 
@@ -20,7 +20,7 @@ log = logging.getLogger("uapt.evaluation")
 
 
 def _fmt(x: Any) -> str:
-    return "" if _number(x) is None else f"{float(x):.4f}"
+    return "" if as_number(x) is None else f"{float(x):.4f}"
 
 
 def rich_table(results: Mapping[str, Any], title: str | None = None):
@@ -185,13 +185,20 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
+    from uapt.config import refuse_renamed_keys
+    from uapt.console import setup_logging
+
     own, rest = _pop_cli_keys(sys.argv[1:])
+    try:
+        refuse_renamed_keys(rest)  # before Hydra, which would not name the new key
+    except ConfigError as e:
+        setup_logging()
+        log.error("bad configuration: %s", e)
+        raise SystemExit(2) from None
     sys.argv[1:] = rest
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
     def app(cfg: DictConfig) -> None:
-        from uapt.console import setup_logging
-
         setup_logging()  # uapt's lines; lm-eval's own only when they are errors
         from uapt.errors import UserError, show_traceback
 

@@ -178,11 +178,12 @@ def flatten_results(
                 name = (metric if filt == "none" else f"{metric},{filt}") + (
                     "_stderr" if stderr else ""
                 )
-                row[name] = _number(value)
+                row[name] = as_number(value)
     return out
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
+    """A score as a finite float, None when it is none (a string, NaN, a missing value)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -222,7 +223,7 @@ def score_delta(
     for task, metrics in scores.items():
         for metric, value in metrics.items():
             ref = (base.get(task) or {}).get(metric)
-            if metric.endswith("_stderr") or _number(value) is None or _number(ref) is None:
+            if metric.endswith("_stderr") or as_number(value) is None or as_number(ref) is None:
                 continue
             out.setdefault(task, {})[metric] = float(value) - float(ref)
     return out

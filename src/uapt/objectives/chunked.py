@@ -1,242 +1,154 @@
-"""The chunked path: `token_loss(head.logits(hidden), ...)` from hidden states and the output layer, without ever holding [B, T, V] logits (vocabularies reach 256k)."""
+"""The chunked path: the objective of `head.logits(hidden)` from hidden states and the output layer, without ever holding [B, T, V] logits (vocabularies reach 256k)."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
 from uapt.objectives.divergences import TeacherTopK
-from uapt.objectives.fused import _Fused, _fused_pass, _FusedHeadLoss, _nll_pass, _score_pass
-from uapt.objectives.head import OutputHead, _compute_dtype
-from uapt.objectives.loss import (
-    TokenLoss,
-    _check_cached,
-    _check_labels,
-    _count,
-    _require_teacher,
-    _teacher_needed,
-    _zero,
-)
-from uapt.objectives.selection import (
-    Counts,
-    _check_kept,
-    _denominators,
-    _distill_mask,
-    _scores_from,
-    select_kept,
-    valid_mask,
-)
-from uapt.objectives.spec import ObjectiveSpec, parse_objective
+from uapt.objectives.fused import FusedConstants, FusedHeadLoss, fused_pass, nll_pass, score_pass
+from uapt.objectives.head import Hidden, OutputHead
+from uapt.objectives.positions import attached_zero, compute_dtype, label_positions
+from uapt.objectives.spec import ObjectiveSpec
 
 
-def _chunked_rows(hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, chunk_size: int):
-    """valid [B, T], its (b, t) indices and targets [N], after checking the inputs."""
-    _check_chunked_inputs(hidden, labels, head, chunk_size)
-    valid = valid_mask(labels)
-    b_idx, t_idx = valid.nonzero(as_tuple=True)
-    targets = labels[b_idx, t_idx]
-    _check_labels(labels, targets, head.weight.shape[0])
-    return valid, b_idx, t_idx, targets
+class HiddenPath:
+    """One call's student hidden states with their output layer, and teacher.
 
+    The student's hidden states [B, T, H] are its final (normed) ones, grad-carrying; the
+    teacher is the same for the teacher (detached; its head may be another), or its cached top-k
+    at the valid positions (`TeacherTopK`), or None when the call does not read it. Valid
+    positions are gathered to [N, H]. Pass 1 (`flat_scores`, no grad; only when the call selects
+    by a score) scores every token chunk by chunk; selection then sees all N scores (the same
+    function as the logits path). Pass 2 (`terms`) visits only kept or distilled rows,
+    `chunk_size` at a time: fp32 logits, loss terms and their closed-form gradients w.r.t. hidden
+    and the head's weight/bias, the weight gradient accumulated in place into one [V, H] buffer
+    (the head's dtype; only when the head is trained), which backward hands to autograd. Rows
+    neither kept nor distilled get a no-grad NLL pass when pass 1 did not run, so that `nll` is
+    complete for logging. Besides the weight gradient, the peak holds one [chunk_size, V] fp32
+    block of student logits (turned into its gradient in place), the teacher's logits for
+    chunk_size / 8 rows and row-block temporaries: about 1.4 x chunk_size x V x 4 bytes (1.15 x
+    without distillation). Softcapping is applied in fp32 after the matmul (HF applies it in the
+    model's dtype).
 
-def _chunked_scores(
-    spec: ObjectiveSpec,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    gather,
-    head: OutputHead,
-    teacher_hidden: torch.Tensor | None,
-    teacher_head: OutputHead,
-    cached: TeacherTopK | None,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: the student nll [N] and selection scores [N] (excess from a cache's NLL)."""
-    select = "nll" if spec.select == "excess" and teacher_hidden is None else spec.select
-    t_all = gather(teacher_hidden.detach()) if select == "excess" else None
-    nll, scores = _score_pass(
-        gather(hidden.detach()), t_all, targets, head, teacher_head, select, chunk_size
-    )
-    if select != spec.select:  # excess from the cached teacher NLL
-        _check_cached(cached, targets.shape[0])
-        scores = nll - cached.nll.to(nll)
-    return nll, scores
-
-
-def token_scores_chunked(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    objective: Mapping[str, Any] | ObjectiveSpec,
-    head: OutputHead,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_head: OutputHead | None = None,
-    generator: torch.Generator | None = None,
-    chunk_size: int = 1024,
-    *,
-    cached_teacher: TeacherTopK | None = None,
-) -> torch.Tensor:
-    """``token_scores(head.logits(hidden), ...)`` chunk by chunk (never [B, T, V] logits)."""
-    spec = parse_objective(objective)
-    valid, b_idx, t_idx, targets = _chunked_rows(hidden, labels, head, chunk_size)
-    if spec.select == "random":
-        return _scores_from(spec, labels, valid, None, generator)
-    if spec.select == "excess":
-        _require_teacher(
-            spec, teacher_hidden is not None or cached_teacher is not None, "teacher_hidden"
-        )
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        return x[b_idx, t_idx - 1]
-
-    _, flat = _chunked_scores(
-        spec,
-        hidden,
-        targets,
-        gather,
-        head,
-        teacher_hidden,
-        teacher_head or head,
-        cached_teacher,
-        chunk_size,
-    )
-    return _scores_from(spec, labels, valid, flat, generator)
-
-
-def token_loss_chunked(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    objective: Mapping[str, Any] | ObjectiveSpec,
-    head: OutputHead,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_head: OutputHead | None = None,
-    generator: torch.Generator | None = None,
-    chunk_size: int = 1024,
-    *,
-    cached_teacher: TeacherTopK | None = None,
-    kept: torch.Tensor | None = None,
-    counts: Counts | None = None,
-) -> TokenLoss:
-    """``token_loss(head.logits(hidden), ...)`` without ever holding [B, T, V] logits.
-
-    hidden [B, T, H]: the student's final (normed) hidden states, grad-carrying; teacher_hidden
-    the teacher's (detached); teacher_head defaults to head; or, instead of both, the teacher's
-    cached top-k at the valid positions (``cached_teacher``, see ``TeacherTopK``). ``kept`` and
-    ``counts`` as in ``token_loss``. Valid positions are gathered to [N, H]. Pass 1 (no grad;
-    skipped when rho = 0, select=random or ``kept`` is given) scores every token chunk by chunk;
-    selection then sees all N scores (the same function as token_loss). Pass 2 visits only kept
-    or distilled rows, ``chunk_size`` at a time: fp32 logits, loss terms and their closed-form
-    gradients w.r.t. hidden and the head's weight/bias, the weight gradient accumulated in place
-    into one [V, H] buffer (the head's dtype; only when the head is trained), which backward
-    hands to autograd. Rows neither kept nor distilled get a no-grad NLL pass when pass 1 did
-    not run, so that ``nll`` is complete for logging. Besides the weight gradient, the peak holds
-    one [chunk_size, V] fp32 block of student logits (turned into its gradient in place), the
-    teacher's logits for chunk_size / 8 rows and row-block temporaries: about
-    1.4 x chunk_size x V x 4 bytes (1.15 x without distillation).
-    Softcapping is applied in fp32 after the matmul (HF applies it in the model's dtype).
-
-    Only ``total`` (or a multiple: DDP's world_size, AMP scaling) may be backpropagated;
-    backward raises if ``mle`` and ``distill`` get other relative weights.
+    Only `total` (or a multiple: DDP's world_size, AMP scaling) may be backpropagated; backward
+    raises if `mle` and `distill` get other relative weights.
     """
-    spec = parse_objective(objective)
-    valid, b_idx, t_idx, targets = _chunked_rows(hidden, labels, head, chunk_size)
-    needs = _teacher_needed(spec, kept)
-    if needs:
-        _require_teacher(
-            spec, teacher_hidden is not None or cached_teacher is not None, "teacher_hidden"
-        )
-    teacher_head = teacher_head or head
-    cached = cached_teacher if needs and teacher_hidden is None else None
-    if cached is not None:
-        _check_cached(cached, targets.shape[0])
 
-    def gather(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [n, H] of x predicting the valid labels (all, or those at idx)."""
-        return x[b_idx, t_idx - 1] if idx is None else x[b_idx[idx], t_idx[idx] - 1]
-
-    nll_flat = None
-    if kept is not None:
-        kept = _check_kept(kept, valid)
-    elif spec.mask_ratio == 0:
-        kept = valid.clone()
-    else:
-        flat_scores = None
-        if spec.select != "random":
-            nll_flat, flat_scores = _chunked_scores(
-                spec,
-                hidden,
-                targets,
-                gather,
-                head,
-                teacher_hidden,
-                teacher_head,
-                cached,
-                chunk_size,
+    def __init__(
+        self,
+        spec: ObjectiveSpec,
+        student: Hidden,
+        labels: torch.Tensor,
+        teacher: Hidden | TeacherTopK | None,
+        chunk_size: int,
+    ) -> None:
+        _check_inputs(student.states, labels, student.head, chunk_size)
+        if teacher is not None and not isinstance(teacher, Hidden | TeacherTopK):
+            raise ValueError(
+                "the teacher of a student given as hidden states is its Hidden states and head "
+                f"or a TeacherTopK, got {type(teacher).__name__}"
             )
-        kept = select_kept(_scores_from(spec, labels, valid, flat_scores, generator), valid, spec)
-    distilled = _distill_mask(spec, valid, kept)
-    den = _denominators(counts, kept, valid, spec)
-    kept_f, dist_f = kept[b_idx, t_idx], distilled[b_idx, t_idx]
+        self.spec, self.chunk_size = spec, chunk_size
+        self.hidden, self.head = student.states, student.head
+        self.positions = label_positions(labels, self.head.weight.shape[0])
+        live = isinstance(teacher, Hidden)
+        self.teacher_hidden = teacher.states if live else None
+        self.teacher_head = teacher.head if live else self.head
+        self.cached = None if live else teacher
+        self.nll: torch.Tensor | None = None  # the student's NLL [N], once pass 1 ran
 
-    # Pass 2 rows: distilled first (their teacher rows are then a prefix), then kept-only.
-    d_rows = dist_f.nonzero(as_tuple=True)[0]
-    rows = torch.cat([d_rows, (kept_f & ~dist_f).nonzero(as_tuple=True)[0]])
-    dtype = _compute_dtype(hidden)
-    mle_den = _count(den.kept if spec.normalize == "kept" else den.valid, labels.device)
-    mle_w = kept_f[rows].to(dtype) / mle_den.to(dtype)
-    dist_w = 1 / _count(den.distilled, labels.device).to(dtype)
-    cfg = _Fused(
-        softcap=head.softcap,
-        teacher_softcap=teacher_head.softcap,
-        divergence=spec.divergence,
-        jsd_beta=spec.jsd_beta,
-        temperature=spec.temperature,
-        distill_weight=spec.distill_weight,
-        chunk=chunk_size,
-    )
-    t_rows = None
-    if spec.distill_weight > 0:
-        t_rows = cached.rows(d_rows) if cached else gather(teacher_hidden.detach(), d_rows)
-    t_w = teacher_head.weight.detach()
-    t_b = None if teacher_head.bias is None else teacher_head.bias.detach()
-    args = (
-        gather(hidden, rows),
-        head.weight,
-        head.bias,
-        t_rows,
-        t_w,
-        t_b,
-        targets[rows],
-        mle_w,
-        dist_w,
-        cfg,
-    )
-    grad_on = torch.is_grad_enabled() and (
-        hidden.requires_grad
-        or head.weight.requires_grad
-        or (head.bias is not None and head.bias.requires_grad)
-    )
-    if grad_on:
-        sums, nll_rows = _FusedHeadLoss.apply(*args)
-    else:
-        sums, nll_rows, _ = _fused_pass(*args, needs=(False, False, False))
-    mle, distill = sums[0] + _zero(hidden), sums[1] + _zero(hidden)
+    def flat_scores(self) -> torch.Tensor:
+        """Pass 1: selection scores [N] (excess from a cache's NLL); keeps the student's NLL."""
+        spec, pos = self.spec, self.positions
+        select = "nll" if spec.select == "excess" and self.teacher_hidden is None else spec.select
+        t_all = pos.predicting(self.teacher_hidden.detach()) if select == "excess" else None
+        nll, scores = score_pass(
+            pos.predicting(self.hidden.detach()),
+            t_all,
+            pos.targets,
+            self.head,
+            self.teacher_head,
+            select,
+            self.chunk_size,
+        )
+        if select != spec.select:  # excess from the cached teacher NLL
+            scores = nll - self.cached.nll.to(nll)
+        self.nll = nll
+        return scores
 
-    if nll_flat is None:
-        nll_flat = torch.zeros(targets.shape, dtype=dtype, device=labels.device)
-        nll_flat[rows] = nll_rows
-        rest = (~(kept_f | dist_f)).nonzero(as_tuple=True)[0]
+    def terms(
+        self,
+        kept: torch.Tensor,
+        distilled: torch.Tensor,
+        mle_den: torch.Tensor,
+        distill_den: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pass 2: (mle, distill, nll [N]) as the logits path gives them; kept, distilled: bool
+        [N]."""
+        spec, pos, hidden, head = self.spec, self.positions, self.hidden, self.head
+        # Pass 2 rows: distilled first (their teacher rows are then a prefix), then kept-only.
+        d_rows = distilled.nonzero(as_tuple=True)[0]
+        rows = torch.cat([d_rows, (kept & ~distilled).nonzero(as_tuple=True)[0]])
+        dtype = compute_dtype(hidden)
+        mle_w = kept[rows].to(dtype) / mle_den.to(dtype)
+        dist_w = 1 / distill_den.to(dtype)
+        cfg = FusedConstants(
+            softcap=head.softcap,
+            teacher_softcap=self.teacher_head.softcap,
+            divergence=spec.divergence,
+            jsd_beta=spec.jsd_beta,
+            temperature=spec.temperature,
+            distill_weight=spec.distill_weight,
+            chunk=self.chunk_size,
+        )
+        t_rows = None
+        if spec.distill_weight > 0 and self.cached is not None:
+            t_rows = self.cached.rows(d_rows)
+        elif spec.distill_weight > 0:
+            t_rows = pos.predicting(self.teacher_hidden.detach(), d_rows)
+        t_w = self.teacher_head.weight.detach()
+        t_b = None if self.teacher_head.bias is None else self.teacher_head.bias.detach()
+        args = (
+            pos.predicting(hidden, rows),
+            head.weight,
+            head.bias,
+            t_rows,
+            t_w,
+            t_b,
+            pos.targets[rows],
+            mle_w,
+            dist_w,
+            cfg,
+        )
+        grad_on = torch.is_grad_enabled() and (
+            hidden.requires_grad
+            or head.weight.requires_grad
+            or (head.bias is not None and head.bias.requires_grad)
+        )
+        if grad_on:
+            sums, nll_rows = FusedHeadLoss.apply(*args)
+        else:
+            sums, nll_rows, _ = fused_pass(*args, needs=(False, False, False))
+        mle, distill = sums[0] + attached_zero(hidden), sums[1] + attached_zero(hidden)
+        return mle, distill, self._complete_nll(rows, nll_rows, kept | distilled, dtype)
+
+    def _complete_nll(
+        self, rows: torch.Tensor, nll_rows: torch.Tensor, visited: torch.Tensor, dtype
+    ) -> torch.Tensor:
+        """The student's NLL [N]: pass 1's, or pass 2's rows and a no-grad pass over the rest."""
+        if self.nll is not None:
+            return self.nll
+        pos = self.positions
+        nll = torch.zeros(pos.targets.shape, dtype=dtype, device=pos.valid.device)
+        nll[rows] = nll_rows
+        rest = (~visited).nonzero(as_tuple=True)[0]
         if rest.numel():
-            h_rest = gather(hidden.detach(), rest)
-            nll_flat[rest] = _nll_pass(h_rest, targets[rest], head, chunk_size)
-    nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    nll[b_idx, t_idx] = nll_flat.detach().float()
-    return TokenLoss(
-        mle + spec.distill_weight * distill, mle, distill, kept, valid, distilled, nll, den
-    )
+            h_rest = pos.predicting(self.hidden.detach(), rest)
+            nll[rest] = nll_pass(h_rest, pos.targets[rest], self.head, self.chunk_size)
+        return nll
 
 
-def _check_chunked_inputs(
+def _check_inputs(
     hidden: torch.Tensor, labels: torch.Tensor, head: OutputHead, chunk_size: int
 ) -> None:
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:

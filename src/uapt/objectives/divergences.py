@@ -7,13 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, or float64 when it already is (tests pin values in float64)."""
-    return x if x.dtype == torch.float64 else x.float()
+from uapt.objectives.positions import upcast
 
 
-def _log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
+def log_softmax_at(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """log softmax(x / tau) over the last dimension (no division at tau = 1)."""
     return torch.log_softmax(x / tau if tau != 1 else x, dim=-1)
 
 
@@ -70,8 +68,8 @@ def teacher_topk(
     logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0
 ) -> TeacherTopK:
     """What a cache keeps of teacher logits [N, V] predicting targets [N] (computed in fp32)."""
-    z = _fp32(logits)
-    log_p = _log_softmax(z, temperature)
+    z = upcast(logits)
+    log_p = log_softmax_at(z, temperature)
     k = min(k, z.shape[-1])
     logp, ids = log_p.topk(k, dim=-1)
     rest = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)

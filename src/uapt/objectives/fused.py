@@ -9,8 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from uapt.objectives.divergences import TeacherTopK, _log_softmax, cached_buckets, divergence_rows
-from uapt.objectives.head import OutputHead, _compute_dtype, _head_logits
+from uapt.objectives.divergences import (
+    TeacherTopK,
+    cached_buckets,
+    divergence_rows,
+    log_softmax_at,
+)
+from uapt.objectives.head import OutputHead, head_logits
+from uapt.objectives.positions import compute_dtype
 
 
 def _n_rows(t: torch.Tensor | TeacherTopK) -> int:
@@ -23,7 +29,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Fused:
+class FusedConstants:
     """Constants of one fused pass."""
 
     softcap: float | None
@@ -52,7 +58,7 @@ def _spans(n_rows: int, step: int) -> list[tuple[int, int]]:
 
 
 def _divergence_and_grad(
-    z: torch.Tensor, t: torch.Tensor, cfg: _Fused
+    z: torch.Tensor, t: torch.Tensor, cfg: FusedConstants
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """div(P, Q) per row and its gradient w.r.t. the student's tempered logits u = z / tau.
 
@@ -60,7 +66,7 @@ def _divergence_and_grad(
     Q - P; reverse KL: Q (log Q - log P - KL(Q||P)); jsd: (1 - beta) Q (log Q - log M - KL(Q||M)).
     """
     tau, low = cfg.temperature, torch.finfo(z.dtype).min
-    log_p, log_q = _log_softmax(t, tau), _log_softmax(z, tau)
+    log_p, log_q = log_softmax_at(t, tau), log_softmax_at(z, tau)
     if cfg.divergence == "forward_kl":
         p = log_p.exp()
         d = _rowdot(p, log_p.sub_(log_q).clamp_(min=low))  # clamp: 0 * log 0 counts 0
@@ -83,14 +89,14 @@ def _divergence_and_grad(
 
 
 def _cached_divergence_and_grad(
-    z: torch.Tensor, cached: TeacherTopK, cfg: _Fused
+    z: torch.Tensor, cached: TeacherTopK, cfg: FusedConstants
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """div over the buckets of ``cached`` per row and its gradient w.r.t. u = z / tau.
 
     With g = d div / d log Q~ (autograd on the small [rows, k + 1] tensors) and S = sum_b g_b:
     d div / du_j = g_j - Q_j S for a top-k token j, Q_j (g_rest / Q~_rest - S) for any other.
     """
-    log_q = _log_softmax(z, cfg.temperature)
+    log_q = log_softmax_at(z, cfg.temperature)
     log_pb, log_qb = cached_buckets(log_q, cached)
     with torch.enable_grad():
         leaf = log_qb.detach().requires_grad_()
@@ -111,7 +117,7 @@ def _chunk_terms(
     mle_w: torch.Tensor,
     t: torch.Tensor | TeacherTopK | None,
     dist_w: torch.Tensor,
-    cfg: _Fused,
+    cfg: FusedConstants,
     need_grad: bool,
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,7 +176,7 @@ def _chunk_terms(
     return nll, (nll * mle_w).sum(), dist_sum * dist_w
 
 
-def _fused_pass(
+def fused_pass(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -180,7 +186,7 @@ def _fused_pass(
     targets: torch.Tensor,
     mle_w: torch.Tensor,
     dist_w: torch.Tensor,
-    cfg: _Fused,
+    cfg: FusedConstants,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """Chunk by chunk: loss sums, per-row nll and the gradients of mle + lambda * distill.
@@ -191,7 +197,7 @@ def _fused_pass(
     logits for distilled rows, and row-block temporaries. t_h: the distilled rows' teacher hidden
     states, or their cached TeacherTopK.
     """
-    dtype = _compute_dtype(h)
+    dtype = compute_dtype(h)
     need_h, need_w, need_b = needs
     n_rows, n_d = h.shape[0], 0 if t_h is None else _n_rows(t_h)
     grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if need_h else None
@@ -203,14 +209,14 @@ def _fused_pass(
     split = _ceil_div(cfg.chunk, _TEACHER_SPLIT)
     for r0, r1 in _spans(n_rows, cfg.chunk):
         h_c = h[r0:r1].to(weight.dtype)
-        z = _head_logits(h_c, weight, bias, cfg.softcap)
+        z = head_logits(h_c, weight, bias, cfg.softcap)
         for s0, s1 in _spans(r1 - r0, split):
             a, b = r0 + s0, r0 + s1
             t = None
             if a < n_d and isinstance(t_h, TeacherTopK):
                 t = t_h.rows(slice(a, min(b, n_d)))
             elif a < n_d:
-                t = _head_logits(t_h[a : min(b, n_d)], t_weight, t_bias, cfg.teacher_softcap)
+                t = head_logits(t_h[a : min(b, n_d)], t_weight, t_bias, cfg.teacher_softcap)
             nll[a:b], mle_sum, dist_sum = _chunk_terms(
                 z[s0:s1], targets[a:b], mle_w[a:b], t, dist_w, cfg, any(needs), block
             )
@@ -231,7 +237,7 @@ def _fused_pass(
     return sums, nll, (grad_h, grad_w, grad_b)
 
 
-class _FusedHeadLoss(torch.autograd.Function):
+class FusedHeadLoss(torch.autograd.Function):
     """[mle, distill] of rows of hidden states, gradients computed in forward (Liger-style).
 
     Backward only scales the stored gradients of mle + lambda * distill; it refuses an upstream
@@ -241,7 +247,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, t_h, t_weight, t_bias, targets, mle_w, dist_w, cfg):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        sums, nll, grads = _fused_pass(
+        sums, nll, grads = fused_pass(
             h, weight, bias, t_h, t_weight, t_bias, targets, mle_w, dist_w, cfg, needs
         )
         ctx.save_for_backward(*grads)
@@ -270,7 +276,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _score_pass(
+def score_pass(
     h: torch.Tensor,
     t_h: torch.Tensor | None,
     targets: torch.Tensor,
@@ -280,7 +286,7 @@ def _score_pass(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 (no grad): student nll [N] and selection scores [N], chunk by chunk."""
-    dtype = _compute_dtype(h)
+    dtype = compute_dtype(h)
     nll = torch.empty(h.shape[0], dtype=dtype, device=h.device)
     scores = torch.empty_like(nll)
     block, split = _ceil_div(chunk, _BLOCKS_PER_CHUNK), _ceil_div(chunk, _TEACHER_SPLIT)
@@ -291,11 +297,11 @@ def _score_pass(
         chunk = split
     with torch.no_grad():
         for c0, c1 in _spans(h.shape[0], chunk):
-            z = _head_logits(h[c0:c1], head.weight, head.bias, head.softcap)
+            z = head_logits(h[c0:c1], head.weight, head.bias, head.softcap)
             for s0, s1 in _spans(c1 - c0, split):
                 t = None
                 if select == "excess":
-                    t = _head_logits(
+                    t = head_logits(
                         t_h[c0 + s0 : c0 + s1],
                         teacher_head.weight,
                         teacher_head.bias,
@@ -318,7 +324,7 @@ def _score_pass(
     return nll, scores
 
 
-def _nll_pass(h: torch.Tensor, targets: torch.Tensor, head: OutputHead, chunk: int) -> torch.Tensor:
+def nll_pass(h: torch.Tensor, targets: torch.Tensor, head: OutputHead, chunk: int) -> torch.Tensor:
     """Student nll [N] only (no grad), for rows pass 2 does not visit."""
-    nll, _ = _score_pass(h, None, targets, head, head, "nll", chunk)
+    nll, _ = score_pass(h, None, targets, head, head, "nll", chunk)
     return nll

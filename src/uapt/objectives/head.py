@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from uapt.objectives.positions import compute_dtype
+
 
 @dataclass(frozen=True)
 class OutputHead:
@@ -21,7 +23,16 @@ class OutputHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [..., V] in fp32 (fp64 for fp64 inputs): the naive path's input."""
-        return _head_logits(hidden, self.weight, self.bias, self.softcap, inplace=False)
+        return head_logits(hidden, self.weight, self.bias, self.softcap, inplace=False)
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """A model's final (normed) hidden states [B, T, H] with the output layer that turns them
+    into logits: what the chunked path takes instead of logits."""
+
+    states: torch.Tensor
+    head: OutputHead
 
 
 def output_head(model: torch.nn.Module) -> OutputHead:
@@ -39,11 +50,7 @@ def output_head(model: torch.nn.Module) -> OutputHead:
     return OutputHead(layer.weight, layer.bias, float(softcap) if softcap else None)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _head_logits(
+def head_logits(
     h: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -53,7 +60,7 @@ def _head_logits(
 ) -> torch.Tensor:
     """Logits in the compute dtype: the matmul runs in the weight's dtype (as the model's would)."""
     z = F.linear(h.to(weight.dtype), weight, bias)
-    z = z.to(_compute_dtype(h))
+    z = z.to(compute_dtype(h))
     if softcap:
         z = z.div_(softcap).tanh_().mul_(softcap) if inplace else torch.tanh(z / softcap) * softcap
     return z

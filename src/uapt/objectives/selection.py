@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from uapt.objectives.spec import IGNORE_INDEX, ObjectiveSpec, parse_objective
+from uapt.objectives.spec import ObjectiveSpec, parse_objective
 
 # rho is read as the nearest fraction with a denominator up to this, so that K is exact integer
 # math: (1 - 0.7) * 10 is 3, not ceil(3.0000000000000004) = 4.
@@ -22,13 +22,6 @@ def keep_count(n: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     num, den = rho.denominator - rho.numerator, rho.denominator
     n = n.to(torch.int64)
     return (n * num + den - 1) // den
-
-
-def valid_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Bool [B, T]: label positions with a target (not -100) and a predicting logit (t >= 1)."""
-    valid = labels != IGNORE_INDEX
-    valid[:, 0] = False
-    return valid
 
 
 def _topk_rows(
@@ -118,14 +111,15 @@ def _random_scores(labels: torch.Tensor, generator: torch.Generator | None) -> t
     return noise.to(labels.device)
 
 
-def _scores_from(
+def selection_scores(
     spec: ObjectiveSpec,
     labels: torch.Tensor,
     valid: torch.Tensor,
     flat_scores: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Selection scores [B, T] (fp32, 0 at invalid positions)."""
+    """Selection scores [B, T] from the scores at the valid positions [N] (0 elsewhere), or
+    uniform noise for select=random."""
     if spec.select == "random":
         return _random_scores(labels, generator)
     dtype = flat_scores.dtype if flat_scores is not None else torch.float32
@@ -135,21 +129,25 @@ def _scores_from(
     return scores
 
 
-def _distill_mask(spec: ObjectiveSpec, valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def distill_mask(spec: ObjectiveSpec, valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The distilled tokens [B, T]: none (lambda = 0), the valid ones not kept, or all valid."""
     if spec.distill_weight == 0:
         return torch.zeros_like(valid)
     return valid & ~kept if spec.distill_on == "unselected" else valid.clone()
 
 
-def _denominators(counts: Counts | None, kept: torch.Tensor, valid: torch.Tensor, spec) -> Counts:
+def denominators(
+    counts: Counts | None, kept: torch.Tensor, valid: torch.Tensor, spec: ObjectiveSpec
+) -> Counts:
     """The global batch's counts, or this call's own when it is the whole global batch."""
     if counts is not None:
         return counts
-    distilled = _distill_mask(spec, valid, kept)
+    distilled = distill_mask(spec, valid, kept)
     return Counts(int(kept.sum()), int(valid.sum()), int(distilled.sum()))
 
 
-def _check_kept(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def checked_kept(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A kept mask selected elsewhere, checked against this call's valid mask, on its device."""
     if kept.shape != valid.shape or kept.dtype != torch.bool:
         raise ValueError(
             f"kept must be a bool mask {tuple(valid.shape)}, got {kept.dtype} {tuple(kept.shape)}"

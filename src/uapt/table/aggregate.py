@@ -16,26 +16,26 @@ from uapt.table.adjust import add_adjustment
 from uapt.table.cells import (
     Cell,
     Table,
-    _count_text,
-    _signed,
-    _where,
-    _where_row,
+    cell_label,
+    count_text,
     reference_cell,
+    row_label,
+    signed,
 )
-from uapt.table.intervals import _add_intervals, _ci_note
+from uapt.table.intervals import add_intervals, ci_note
 from uapt.table.mixing import cell_note, table_notes
 from uapt.table.spec import Axis, TableSpec
 from uapt.table.values import (
-    _MISSING,
+    MISSING,
     MISSING_TEXT,
     NONE_TEXT,
     TableSpecError,
-    _canon,
-    _equal,
-    _fmt_value,
-    _sort_key,
+    canonical,
+    format_value,
     is_number,
     lookup,
+    sort_key,
+    values_equal,
 )
 
 
@@ -48,12 +48,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _pooling_note(where: str, runs: Sequence[Run]) -> str | None:
+def pooling_note(where: str, runs: Sequence[Run]) -> str | None:
     """Say when a cell pools runs that differ in more than their seed."""
     idents = [_flatten(r.identity()) for r in runs]
     distinct = {json.dumps(i, sort_keys=True, default=str) for i in idents}
-    seeds = Counter(_canon(r.seed) for r in runs)
-    dup = sorted((s for s, n in seeds.items() if n > 1), key=_sort_key)
+    seeds = Counter(canonical(r.seed) for r in runs)
+    dup = sorted((s for s, n in seeds.items() if n > 1), key=sort_key)
     if len(distinct) < 2 and not dup:
         return None
     keys = sorted(
@@ -68,7 +68,7 @@ def _pooling_note(where: str, runs: Sequence[Run]) -> str | None:
     if len(distinct) > 1:
         parts.append(f"of {len(distinct)} configurations (differing in {', '.join(keys)})")
     if dup:
-        parts.append(f"with repeated seed(s) {', '.join(map(_fmt_value, dup))}")
+        parts.append(f"with repeated seed(s) {', '.join(map(format_value, dup))}")
     return " ".join(parts) + "; narrow `runs` or add a row field."
 
 
@@ -101,7 +101,7 @@ def build_table(
     unplaced: dict[str, list[str]] = defaultdict(list)
     for run in selected:
         keys = [a.key(run.data) for a in (*exp.rows, exp.column)]
-        bad = [a.name for a, k in zip((*exp.rows, exp.column), keys, strict=True) if k is _MISSING]
+        bad = [a.name for a, k in zip((*exp.rows, exp.column), keys, strict=True) if k is MISSING]
         if bad:
             unplaced[bad[0]].append(run.name)
             continue
@@ -129,12 +129,12 @@ def build_table(
                     cell.values.append(v)
                     cell.runs.append(run)
             table.cells[(rk, metric.label, ck)] = cell
-        where = f"cell {_where(exp, rk, ck)}"
-        note = _pooling_note(where, done) if len(done) > 1 else None
+        where = f"cell {cell_label(exp, rk, ck)}"
+        note = pooling_note(where, done) if len(done) > 1 else None
         notes.extend(n for n in (note, cell_note(where, done)) if n)
 
     _add_deltas(table)
-    _add_intervals(table)
+    add_intervals(table)
     adjustment = add_adjustment(table)
     _add_base(table, placed)
     _add_paper(table)
@@ -219,7 +219,7 @@ def _add_base(table: Table, placed: Mapping[tuple[tuple[Any, ...], Any], list[Ru
                 table.base[(rk, metric.label)] = "varies"
                 table.notes.append(
                     f"base score of {metric.label} differs between the runs of row "
-                    f"{_where_row(exp, rk)} (different base models or suites)."
+                    f"{row_label(exp, rk)} (different base models or suites)."
                 )
             else:
                 table.base[(rk, metric.label)] = values[0]
@@ -231,7 +231,7 @@ def _add_paper(table: Table) -> None:
     for i, entry in enumerate(exp.paper):
         metric = next(m for m in exp.cells if m.label == entry.metric)
         d = metric.decimals
-        matched = [rk for rk in table.rows if all(_equal(rk[j], v) for j, v in entry.row)]
+        matched = [rk for rk in table.rows if all(values_equal(rk[j], v) for j, v in entry.row)]
         if not matched:
             table.notes.append(
                 f"paper[{i}] ({entry.metric}, {col.display(entry.column)}) "
@@ -246,13 +246,13 @@ def _add_paper(table: Table) -> None:
                 a = table.cells.get((rk, entry.metric, entry.column))
                 b = table.cells.get((rk, entry.metric, entry.vs))
                 ours = (
-                    f"ours {_signed(a.mean - b.mean, d)}"
+                    f"ours {signed(a.mean - b.mean, d)}"
                     if a and b and a.n and b.n  # type: ignore[operator]
                     else f"ours {MISSING_TEXT}"
                 )
                 text = (
                     f"{col.display(entry.column, True)} vs {col.display(entry.vs, True)}: "
-                    f"{_signed(entry.delta, d)} ({ours})"
+                    f"{signed(entry.delta, d)} ({ours})"
                 )  # type: ignore[arg-type]
                 table.paper_cells[(rk, entry.metric, entry.column)] = {"delta": entry.delta}  # type: ignore[dict-item]
             table.paper[key].append(text)
@@ -286,7 +286,7 @@ def _add_notes(
     elif exp.baseline is not None:
         notes.append(f"(±Δ): difference to the {exp.column.display(exp.baseline, True)} column.")
         if any(c.ci is not None for c in table.cells.values()):
-            notes.append(_ci_note(table.ci))
+            notes.append(ci_note(table.ci))
             notes.extend(adjustment)
     if exp.base:
         notes.append("base: the model before post-training (eval_base).")
@@ -295,7 +295,7 @@ def _add_notes(
         notes.append("No run matched the experiment's `runs` filter.")
     incomplete = [r for r in selected if not r.completed]
     if incomplete:
-        notes.append(f"Not aggregated: {_count_text(Counter(r.status for r in incomplete))}.")
+        notes.append(f"Not aggregated: {count_text(Counter(r.status for r in incomplete))}.")
         for r in sorted(incomplete, key=lambda r: r.name):
             error = r.data.get("error")
             notes.append(f"{r.status}: {r.name}" + (f" ({error})" if error else ""))

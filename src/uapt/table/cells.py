@@ -56,21 +56,21 @@ class Table:
     adjust: str = "holm"  # multiple-comparison adjustment of the deltas (uapt.table.adjust)
 
 
-def _count_text(counts: Mapping[str, int], sep: str = ", ") -> str:
+def count_text(counts: Mapping[str, int], sep: str = ", ") -> str:
     return sep.join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
-def _signed(x: float, decimals: int) -> str:
+def signed(x: float, decimals: int) -> str:
     text = f"{x:+.{decimals}f}"
     return "+" + text[1:] if float(text) == 0 else text
 
 
-def _where(exp: TableSpec, rk: tuple[Any, ...], ck: Any) -> str:
+def cell_label(exp: TableSpec, rk: tuple[Any, ...], ck: Any) -> str:
     parts = [a.display(k) for a, k in zip(exp.rows, rk, strict=True)]
     return " / ".join([*parts, exp.column.display(ck)])
 
 
-def _where_row(exp: TableSpec, rk: tuple[Any, ...]) -> str:
+def row_label(exp: TableSpec, rk: tuple[Any, ...]) -> str:
     return " / ".join(a.display(k) for a, k in zip(exp.rows, rk, strict=True)) or "(all)"
 
 

@@ -13,9 +13,9 @@ from typing import Any
 from uapt import bootstrap, files
 from uapt.evaluation import outcomes
 from uapt.records import Run
-from uapt.table.cells import Cell, Table, _where, _where_row, reference_cell
+from uapt.table.cells import Cell, Table, cell_label, reference_cell, row_label
 from uapt.table.spec import Metric, TableSpec
-from uapt.table.values import _MISSING, TableError, _canon, _fmt_value, _sort_key, lookup
+from uapt.table.values import MISSING, TableError, canonical, format_value, lookup, sort_key
 
 # Why an interval resamples seeds only (uapt.bootstrap.paired_seeds) rather than samples too.
 NOT_EVAL = "not an eval metric"
@@ -89,10 +89,10 @@ class _IntervalNotes:
         for reason, wheres in self.none.items():
             out.append(f"No interval ({reason}): {_cells_text(table, wheres)}.")
         for (rk, ck, text), names in self.left_out.items():
-            out.append(f"{_where(exp, rk, ck)} vs {base}: {text} ({', '.join(names)}).")
+            out.append(f"{cell_label(exp, rk, ck)} vs {base}: {text} ({', '.join(names)}).")
         for (rk, ck, task), parts in self.partial.items():
             out.append(
-                f"{_where(exp, rk, ck)} vs {base}, task {task}: compared on the samples both "
+                f"{cell_label(exp, rk, ck)} vs {base}, task {task}: compared on the samples both "
                 f"runs scored ({'; '.join(dict.fromkeys(parts))})."
             )
         return out + self.damaged
@@ -110,7 +110,7 @@ class _IntervalNotes:
         return sorted(n for n in counts if n**-n > tail)
 
 
-def _ci_note(ci: bootstrap.Settings) -> str:
+def ci_note(ci: bootstrap.Settings) -> str:
     return (
         f"[lo, hi]: {100 * ci.level:g} % percentile interval of Δ from a paired bootstrap "
         f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
@@ -138,11 +138,11 @@ def _cells_text(table: Table, wheres: Sequence[Where]) -> str:
             f"{', '.join(names)} ({', '.join(exp.column.display(c, True) for c in cols)})"
             for cols, names in merged.items()
         ]
-        parts.append(f"{_where_row(exp, rk)}: {', '.join(groups)}")
+        parts.append(f"{row_label(exp, rk)}: {', '.join(groups)}")
     return "; ".join(parts)
 
 
-def _add_intervals(table: Table) -> None:
+def add_intervals(table: Table) -> None:
     """A paired bootstrap interval (uapt.bootstrap) for every delta, and notes saying which
     cells resample seeds only and which seeds or samples the pairing left out."""
     notes = _IntervalNotes()
@@ -178,9 +178,9 @@ def _interval(
         seeds, partial = _paired_outcomes(metric, pairs, cell, ref, loaded, notes, exp.against_base)
     except _ZeroSamples as e:
         raise TableError(
-            f"bootstrap over zero samples: cell {_where(exp, rk, ck)} vs "
+            f"bootstrap over zero samples: cell {cell_label(exp, rk, ck)} vs "
             f"{exp.column.display(exp.baseline, True)}, {label}, task {e.task}, seed "
-            f"{_fmt_value(e.seed)}: the two runs' eval_outcomes.jsonl share no scored "
+            f"{format_value(e.seed)}: the two runs' eval_outcomes.jsonl share no scored "
             f"doc_id (they hold {e.sizes[0]} and {e.sizes[1]} samples)"
         ) from None
     except _NoOutcomes as e:
@@ -233,21 +233,21 @@ def _pair_seeds(
         for seed in sides[0]
         if seed is not None and len(sides[0][seed]) == 1 and len(sides[1].get(seed, ())) == 1
     ]
-    paired.sort(key=lambda p: _sort_key(p[0]))
+    paired.sort(key=lambda p: sort_key(p[0]))
     if len(paired) == len(cell.runs) == len(ref.runs):
         return paired, ""
     left = []
     names = (exp.column.display(ck, True), exp.column.display(exp.baseline, True))
     for index, other, name in ((sides[0], sides[1], names[0]), (sides[1], sides[0], names[1])):
-        alone = sorted((s for s in index if s is not None and s not in other), key=_sort_key)
-        repeated = sorted((s for s in index if s is not None and len(index[s]) > 1), key=_sort_key)
+        alone = sorted((s for s in index if s is not None and s not in other), key=sort_key)
+        repeated = sorted((s for s in index if s is not None and len(index[s]) > 1), key=sort_key)
         if alone:
-            left.append(f"seed {', '.join(map(_fmt_value, alone))} of {name}")
+            left.append(f"seed {', '.join(map(format_value, alone))} of {name}")
         if repeated:
-            left.append(f"repeated seed {', '.join(map(_fmt_value, repeated))} in {name}")
+            left.append(f"repeated seed {', '.join(map(format_value, repeated))} in {name}")
         if None in index:
             left.append(f"{len(index[None])} run(s) without a seed in {name}")
-    seeds = ", ".join(_fmt_value(s) for s, _, _ in paired) or "none"
+    seeds = ", ".join(format_value(s) for s, _, _ in paired) or "none"
     return paired, f"intervals pair seeds {seeds}, leaving out {'; '.join(left)}, which Δ includes"
 
 
@@ -256,7 +256,7 @@ def _seed_index(cell: Cell) -> dict[Any, list[int]]:
     index: dict[Any, list[int]] = defaultdict(list)
     for i, run in enumerate(cell.runs):
         seed = run.seed
-        index[None if seed is _MISSING or seed is None else _canon(seed)].append(i)
+        index[None if seed is MISSING or seed is None else canonical(seed)].append(i)
     return index
 
 
@@ -299,9 +299,7 @@ def _paired_outcomes(
             if samples.size == 0:
                 raise _ZeroSamples(task, seed, sizes)
             if samples.size < max(sizes):
-                text = (
-                    f"seed {_fmt_value(seed)}: {samples.size} shared, of {sizes[0]} and {sizes[1]}"
-                )
+                text = f"seed {format_value(seed)}: {samples.size} shared, of {sizes[0]} and {sizes[1]}"
                 partial.append((task, text))
             tasks.append(samples)
         seeds.append(tasks)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from uapt.records import Run
-from uapt.table.aggregate import _pooling_note
+from uapt.table.aggregate import pooling_note
 from uapt.table.cells import Cell
 from uapt.table.spec import Metric, PlotSpec, TableSpec
-from uapt.table.values import _MISSING, _canon, _fmt_value, _sort_key, is_number, lookup
+from uapt.table.values import MISSING, canonical, format_value, is_number, lookup, sort_key
 
 _AXIS_LABELS = {"mask_ratio": "mask ratio ρ", "distill_weight": "distill weight λ"}
 
@@ -64,7 +64,7 @@ def _panels(fig: Any, spec: PlotSpec, runs: Sequence[Run]) -> list[tuple[Any, st
     groups: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
     for r in runs:
         groups[tuple(a.key(r.data) for a in spec.panels)].append(r)
-    keys = sorted(groups, key=lambda k: tuple(map(_sort_key, k)))
+    keys = sorted(groups, key=lambda k: tuple(map(sort_key, k)))
     ncols = min(3, len(keys)) or 1
     nrows = math.ceil(len(keys) / ncols) or 1
     fig.set_size_inches(max(6.4, 5.0 * ncols), 3.8 * nrows + 0.4)
@@ -90,7 +90,7 @@ def _x_scale(ax: Any, xs: Sequence[float]) -> None:
         ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xlim(left=-0.3 * min(positive))  # room for the marker at 0
     ticks = sorted(set(xs))
-    ax.set_xticks(ticks, [_fmt_value(x) for x in ticks])  # label exactly the swept values
+    ax.set_xticks(ticks, [format_value(x) for x in ticks])  # label exactly the swept values
 
 
 def _draw_sweep(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str]) -> bool:
@@ -101,21 +101,21 @@ def _draw_sweep(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str])
         for r in runs
         if metric.value(r.data) is not None
         and is_number(lookup(r.data, x_path))
-        and spec.by.key(r.data) is not _MISSING
+        and spec.by.key(r.data) is not MISSING
     ]
     if not usable:
         return False
     for ax, title, panel_runs in _panels(fig, spec, usable):
         lines: dict[Any, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
         for r in panel_runs:
-            lines[spec.by.key(r.data)][_canon(lookup(r.data, x_path))].append(r)
+            lines[spec.by.key(r.data)][canonical(lookup(r.data, x_path))].append(r)
         for line_key in spec.by.order(lines):
             points = sorted(lines[line_key].items())
             for x, rs in points:
                 note = (
-                    _pooling_note(
+                    pooling_note(
                         f"plot {spec.kind} {title} {spec.by.display(line_key, True)} "
-                        f"x={_fmt_value(x)}",
+                        f"x={format_value(x)}",
                         rs,
                     )
                     if len(rs) > 1
@@ -166,7 +166,7 @@ def _draw_curve(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[str])
     (the band) at the steps every run of the line logged."""
     key = spec.metrics[0].label
     curves = {r.folder: _curve(r, key) for r in runs}
-    usable = [r for r in runs if curves[r.folder] and spec.by.key(r.data) is not _MISSING]
+    usable = [r for r in runs if curves[r.folder] and spec.by.key(r.data) is not MISSING]
     if not usable:
         return False
     for ax, title, panel_runs in _panels(fig, spec, usable):
@@ -206,7 +206,7 @@ def _draw_id_vs_ood(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[s
         for r in runs
         if mx.value(r.data) is not None
         and my.value(r.data) is not None
-        and spec.by.key(r.data) is not _MISSING
+        and spec.by.key(r.data) is not MISSING
     ]
     if not usable:
         return False
@@ -217,7 +217,7 @@ def _draw_id_vs_ood(fig: Any, spec: PlotSpec, runs: Sequence[Run], notes: list[s
         for key in spec.by.order(points):
             rs = points[key]
             note = (
-                _pooling_note(f"plot id_vs_ood {title} {spec.by.display(key, True)}", rs)
+                pooling_note(f"plot id_vs_ood {title} {spec.by.display(key, True)}", rs)
                 if len(rs) > 1
                 else None
             )

@@ -30,7 +30,7 @@ from statistics import NormalDist
 import numpy as np
 
 from uapt.bootstrap import TaskSamples
-from uapt.table.cells import Table, _signed, _where
+from uapt.table.cells import Table, cell_label, signed
 from uapt.table.intervals import NoPerSampleOutcomes, Where, paired_sample_outcomes
 
 DEFAULT_POWER = 0.8
@@ -210,9 +210,9 @@ def render_power(table: Table, report: PowerReport) -> str:
         (rk, label, ck), nz = row.where, row.noise
         d = next(m for m in exp.cells if m.label == label).decimals
         cells = [
-            _where(exp, rk, ck),
+            cell_label(exp, rk, ck),
             label,
-            _signed(nz.delta, d),
+            signed(nz.delta, d),
             f"{nz.samples} × {nz.seeds}",
             f"{nz.sample_sd:.{d + 1}f}",
             _opt(nz.seed_sd, d + 1),
@@ -258,7 +258,9 @@ def _notes(table: Table, report: PowerReport) -> list[str]:
             f"{MAX_SEEDS} seeds)."
         )
     for reason, wheres in report.without.items():
-        names = sorted({f"{_where(table.experiment, rk, ck)}: {label}" for rk, label, ck in wheres})
+        names = sorted(
+            {f"{cell_label(table.experiment, rk, ck)}: {label}" for rk, label, ck in wheres}
+        )
         out.append(f"No power row ({reason}): {'; '.join(names)}.")
     return out
 

@@ -8,14 +8,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from uapt import bootstrap
-from uapt.table.cells import Cell, Table, _count_text, _signed
+from uapt.table.cells import Cell, Table, count_text, signed
 from uapt.table.spec import Metric
 from uapt.table.values import FORMATS, MARK, MISSING_TEXT, NONE_TEXT, is_number
 
 
 def _cell_text(cell: Cell, metric: Metric, show_n: bool) -> str:
     if not cell.n:
-        extra = f" ({_count_text(cell.incomplete)})" if cell.incomplete else ""
+        extra = f" ({count_text(cell.incomplete)})" if cell.incomplete else ""
         return MISSING_TEXT + extra
     d = metric.decimals
     std = NONE_TEXT if cell.std is None else f"{cell.std:.{d}f}"
@@ -30,9 +30,9 @@ def _cell_text(cell: Cell, metric: Metric, show_n: bool) -> str:
 def _delta_text(delta: float, ci: bootstrap.Interval | None, d: int, marked: bool) -> str:
     """+4.0, or +4.0* [+1.2, +6.8]: the marked delta survives the table's adjustment."""
     if ci is None:
-        return _signed(delta, d)
+        return signed(delta, d)
     mark = MARK if marked else ""
-    return f"{_signed(delta, d)}{mark} [{_signed(ci.lo, d)}, {_signed(ci.hi, d)}]"
+    return f"{signed(delta, d)}{mark} [{signed(ci.lo, d)}, {signed(ci.hi, d)}]"
 
 
 def _base_text(value: float | str | None, metric: Metric) -> str:
@@ -193,7 +193,7 @@ def to_csv(table: Table) -> str:
                         num(base) if isinstance(base, float) else "",
                         num(paper.get("value")),
                         num(paper.get("delta")),
-                        _count_text(cell.incomplete, "; "),
+                        count_text(cell.incomplete, "; "),
                         *_csv_ci(cell, table, num),
                     ]
                 )

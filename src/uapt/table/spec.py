@@ -13,21 +13,21 @@ from typing import Any, NoReturn
 import yaml
 
 from uapt.table.values import (
-    _MISSING,
+    MISSING,
     OPS,
     PLOT_KINDS,
+    LineLoader,
     TableSpecError,
-    _canon,
-    _equal,
-    _fmt_value,
-    _line_of,
-    _Loader,
-    _sort_key,
-    _YamlProblem,
+    YamlProblem,
+    canonical,
     field_path,
+    format_value,
     is_number,
+    line_of,
     lookup,
+    sort_key,
     split_path,
+    values_equal,
 )
 
 
@@ -38,18 +38,18 @@ class Condition:
     tests: tuple[tuple[str, Any], ...]
 
     def __call__(self, value: Any) -> bool:
-        return value is not _MISSING and all(_apply(op, value, arg) for op, arg in self.tests)
+        return value is not MISSING and all(_apply(op, value, arg) for op, arg in self.tests)
 
 
 def _apply(op: str, value: Any, arg: Any) -> bool:
     if op == "eq":
-        return _equal(value, arg)
+        return values_equal(value, arg)
     if op == "ne":
-        return not _equal(value, arg)
+        return not values_equal(value, arg)
     if op == "in":
-        return any(_equal(value, a) for a in arg)
+        return any(values_equal(value, a) for a in arg)
     if op == "not_in":
-        return not any(_equal(value, a) for a in arg)
+        return not any(values_equal(value, a) for a in arg)
     if not is_number(value):
         return False
     return {"gt": value > arg, "ge": value >= arg, "lt": value < arg, "le": value <= arg}[op]
@@ -68,11 +68,11 @@ class Axis:
     format: str | None = None
 
     def key(self, record: Mapping[str, Any]) -> Any:
-        """The record's key on this axis; _MISSING when it falls in none of the groups."""
+        """The record's key on this axis; MISSING when it falls in none of the groups."""
         value = lookup(record, self.path)
         if self.groups is not None:
-            return next((label for label, cond in self.groups if cond(value)), _MISSING)
-        return _canon(None if value is _MISSING else value)
+            return next((label for label, cond in self.groups if cond(value)), MISSING)
+        return canonical(None if value is MISSING else value)
 
     def expected(self) -> tuple[Any, ...] | None:
         if self.groups is not None:
@@ -82,7 +82,7 @@ class Axis:
     def order(self, keys: Iterable[Any]) -> list[Any]:
         """Expected keys in their given order, then any others observed, sorted."""
         expected = list(self.expected() or ())
-        extra = sorted({k for k in keys if k not in expected}, key=_sort_key)
+        extra = sorted({k for k in keys if k not in expected}, key=sort_key)
         return expected + extra
 
     def display(self, key: Any, header: bool = False) -> str:
@@ -94,10 +94,10 @@ class Axis:
             try:
                 return self.format.format(value=key)
             except (TypeError, ValueError):  # e.g. {value:g} on a string or null
-                return _fmt_value(key)
+                return format_value(key)
         if header and not isinstance(key, str):
-            return f"{self.label}={_fmt_value(key)}"
-        return _fmt_value(key)
+            return f"{self.label}={format_value(key)}"
+        return format_value(key)
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class _Checker:
                 self.fail(
                     f"{where}.{key}" if where else str(key),
                     f"unknown key (allowed: {', '.join(allowed)})",
-                    _line_of(node, key),
+                    line_of(node, key),
                 )
         for key in required:
             if key not in node:
@@ -226,7 +226,7 @@ class _Checker:
             self.fail(
                 f"{where}.{key}" if where else key,
                 "expected a non-empty string",
-                _line_of(node, key),
+                line_of(node, key),
             )
         return v
 
@@ -260,7 +260,7 @@ class _Checker:
         if isinstance(node, Mapping):
             tests = []
             for op, arg in node.items():
-                op_line = _line_of(node, op) or line
+                op_line = line_of(node, op) or line
                 if op not in OPS:
                     self.fail(
                         f"{where}.{op}", f"unknown operator (allowed: {', '.join(OPS)})", op_line
@@ -281,7 +281,7 @@ class _Checker:
         allowed = ("field", "label", "values", "groups", "labels", "format")
         node = self.keys(node, where, line, allowed, ("field",))
         name = self.text(node, "field", where)
-        path = self.path(name, f"{where}.field", _line_of(node, "field"), as_field=True)
+        path = self.path(name, f"{where}.field", line_of(node, "field"), as_field=True)
         label = self.text(node, "label", where) if "label" in node else name
         values = groups = None
         if "values" in node and "groups" in node:
@@ -289,18 +289,18 @@ class _Checker:
         if "values" in node:
             values = node["values"]
             if not isinstance(values, list) or not values:
-                self.fail(f"{where}.values", "expected a non-empty list", _line_of(node, "values"))
-            values = tuple(_canon(v) for v in values)
+                self.fail(f"{where}.values", "expected a non-empty list", line_of(node, "values"))
+            values = tuple(canonical(v) for v in values)
         if "groups" in node:
-            groups = self.groups(node["groups"], f"{where}.groups", _line_of(node, "groups"))
+            groups = self.groups(node["groups"], f"{where}.groups", line_of(node, "groups"))
         labels: dict[Any, str] = {}
         if "labels" in node:
             raw = node["labels"]
             if not isinstance(raw, Mapping):
                 self.fail(
-                    f"{where}.labels", "expected a mapping value: label", _line_of(node, "labels")
+                    f"{where}.labels", "expected a mapping value: label", line_of(node, "labels")
                 )
-            labels = {_canon(k): str(v) for k, v in raw.items()}
+            labels = {canonical(k): str(v) for k, v in raw.items()}
         fmt = None
         if "format" in node:
             fmt = self.text(node, "format", where)
@@ -310,7 +310,7 @@ class _Checker:
                 self.fail(
                     f"{where}.format",
                     f"bad format string ({e}); use {{value}}",
-                    _line_of(node, "format"),
+                    line_of(node, "format"),
                 )
         return Axis(name, path, label, values, groups, labels, fmt)
 
@@ -319,12 +319,12 @@ class _Checker:
             self.fail(where, "expected a non-empty list of {label, when}", line)
         out = []
         for i, item in enumerate(node):
-            w, item_line = f"{where}[{i}]", _line_of(node, i)
+            w, item_line = f"{where}[{i}]", line_of(node, i)
             item = self.keys(item, w, item_line, ("label", "when"), ("label", "when"))
             label = self.text(item, "label", w)
             if label in [g[0] for g in out]:
                 self.fail(f"{w}.label", f"duplicate group label {label!r}", item_line)
-            out.append((label, self.condition(item["when"], f"{w}.when", _line_of(item, "when"))))
+            out.append((label, self.condition(item["when"], f"{w}.when", line_of(item, "when"))))
         return tuple(out)
 
     def metric(self, node: Any, where: str, line: int | None) -> Metric:
@@ -335,28 +335,28 @@ class _Checker:
             self.fail(where, "give exactly one of path (one metric) or paths (their mean)", line)
         if "path" in node:
             paths = (
-                self.path(node["path"], f"{where}.path", _line_of(node, "path"), as_field=False),
+                self.path(node["path"], f"{where}.path", line_of(node, "path"), as_field=False),
             )
         else:
             raw = node["paths"]
             if not isinstance(raw, list) or not raw:
                 self.fail(
-                    f"{where}.paths", "expected a non-empty list of paths", _line_of(node, "paths")
+                    f"{where}.paths", "expected a non-empty list of paths", line_of(node, "paths")
                 )
             paths = tuple(
-                self.path(p, f"{where}.paths[{i}]", _line_of(raw, i), as_field=False)
+                self.path(p, f"{where}.paths[{i}]", line_of(raw, i), as_field=False)
                 for i, p in enumerate(raw)
             )
         scale = node.get("scale", 1)
         if not is_number(scale) or scale == 0:
-            self.fail(f"{where}.scale", "expected a non-zero number", _line_of(node, "scale"))
+            self.fail(f"{where}.scale", "expected a non-zero number", line_of(node, "scale"))
         decimals = node.get("decimals", 1)
         if not isinstance(decimals, int) or isinstance(decimals, bool) or not 0 <= decimals <= 10:
             self.fail(
-                f"{where}.decimals", "expected an integer in [0, 10]", _line_of(node, "decimals")
+                f"{where}.decimals", "expected an integer in [0, 10]", line_of(node, "decimals")
             )
         key = "path" if "path" in node else "paths"
-        return Metric(label, paths, float(scale), decimals, f"{where}.{key}", _line_of(node, key))
+        return Metric(label, paths, float(scale), decimals, f"{where}.{key}", line_of(node, key))
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
@@ -367,8 +367,8 @@ def load_table_spec(path: str | Path) -> TableSpec:
     except OSError as e:
         raise TableSpecError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        doc = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
-    except _YamlProblem as e:
+        doc = yaml.load(text, Loader=LineLoader)  # a SafeLoader subclass: no arbitrary objects
+    except YamlProblem as e:
         raise TableSpecError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         raise TableSpecError(f"{path}: invalid YAML: {e}") from None
@@ -396,9 +396,9 @@ def parse_experiment(doc: Any, path: Path) -> TableSpec:
     filters = []
     runs = doc.get("runs") or {}
     if not isinstance(runs, Mapping):
-        c.fail("runs", "expected a mapping field: condition", _line_of(doc, "runs"))
+        c.fail("runs", "expected a mapping field: condition", line_of(doc, "runs"))
     for key, cond in runs.items():
-        line = _line_of(runs, key)
+        line = line_of(runs, key)
         filters.append(
             (
                 str(key),
@@ -409,43 +409,43 @@ def parse_experiment(doc: Any, path: Path) -> TableSpec:
 
     rows_node = doc["rows"]
     if not isinstance(rows_node, list):
-        c.fail("rows", "expected a list of fields, e.g. [model, dataset]", _line_of(doc, "rows"))
-    rows = tuple(c.axis(r, f"rows[{i}]", _line_of(rows_node, i)) for i, r in enumerate(rows_node))
-    column = c.axis(doc["columns"], "columns", _line_of(doc, "columns"))
+        c.fail("rows", "expected a list of fields, e.g. [model, dataset]", line_of(doc, "rows"))
+    rows = tuple(c.axis(r, f"rows[{i}]", line_of(rows_node, i)) for i, r in enumerate(rows_node))
+    column = c.axis(doc["columns"], "columns", line_of(doc, "columns"))
     names = [a.name for a in (*rows, column)]
     if len(set(names)) != len(names):
         c.fail(
-            "rows", f"a field appears twice among rows and columns: {names}", _line_of(doc, "rows")
+            "rows", f"a field appears twice among rows and columns: {names}", line_of(doc, "rows")
         )
 
     cells_node = doc["cells"]
     if not isinstance(cells_node, list) or not cells_node:
-        c.fail("cells", "expected a non-empty list of {label, path}", _line_of(doc, "cells"))
+        c.fail("cells", "expected a non-empty list of {label, path}", line_of(doc, "cells"))
     cells = tuple(
-        c.metric(m, f"cells[{i}]", _line_of(cells_node, i)) for i, m in enumerate(cells_node)
+        c.metric(m, f"cells[{i}]", line_of(cells_node, i)) for i, m in enumerate(cells_node)
     )
     labels = [m.label for m in cells]
     if len(set(labels)) != len(labels):
-        c.fail("cells", f"cell labels must be unique, got {labels}", _line_of(doc, "cells"))
+        c.fail("cells", f"cell labels must be unique, got {labels}", line_of(doc, "cells"))
 
     base = doc.get("base", True)
     if not isinstance(base, bool):
-        c.fail("base", "expected true or false", _line_of(doc, "base"))
+        c.fail("base", "expected true or false", line_of(doc, "base"))
     baseline = None
     if "baseline" in doc:
-        baseline = _canon(doc["baseline"])
+        baseline = canonical(doc["baseline"])
         expected = column.expected()
         if baseline == BASE_BASELINE:
             if expected is not None and BASE_BASELINE in expected:
-                c.fail("baseline", AMBIGUOUS_BASE, _line_of(doc, "baseline"))
+                c.fail("baseline", AMBIGUOUS_BASE, line_of(doc, "baseline"))
             if not base:
-                c.fail("baseline", "base needs the base column (base: true)", _line_of(doc, "base"))
+                c.fail("baseline", "base needs the base column (base: true)", line_of(doc, "base"))
         elif expected is not None and baseline not in expected:
             c.fail(
                 "baseline",
                 f"{doc['baseline']!r} is not among columns.values {list(expected)} "
                 f"(or `{BASE_BASELINE}`: the base model)",
-                _line_of(doc, "baseline"),
+                line_of(doc, "baseline"),
             )
     paper = _parse_paper(c, doc, rows, cells)
     plots = _parse_plots(c, doc, cells, column)
@@ -459,12 +459,12 @@ def _parse_paper(
 ) -> tuple[PaperEntry, ...]:
     node = doc.get("paper") or []
     if not isinstance(node, list):
-        c.fail("paper", "expected a list", _line_of(doc, "paper"))
+        c.fail("paper", "expected a list", line_of(doc, "paper"))
     labels = [m.label for m in cells]
     row_names = [a.name for a in rows]
     out = []
     for i, item in enumerate(node):
-        w, line = f"paper[{i}]", _line_of(node, i)
+        w, line = f"paper[{i}]", line_of(node, i)
         item = c.keys(
             item,
             w,
@@ -476,30 +476,30 @@ def _parse_paper(
             c.fail(
                 f"{w}.metric",
                 f"{item['metric']!r} is not a cell label {labels}",
-                _line_of(item, "metric"),
+                line_of(item, "metric"),
             )
         row = item.get("row") or {}
         if not isinstance(row, Mapping):
-            c.fail(f"{w}.row", "expected a mapping field: value", _line_of(item, "row"))
+            c.fail(f"{w}.row", "expected a mapping field: value", line_of(item, "row"))
         for key in row:
             if key not in row_names:
-                c.fail(f"{w}.row.{key}", f"not a row field {row_names}", _line_of(row, key))
+                c.fail(f"{w}.row.{key}", f"not a row field {row_names}", line_of(row, key))
         if ("value" in item) == ("delta" in item):
             c.fail(w, "give exactly one of value (absolute) or delta (with vs)", line)
         number_key = "value" if "value" in item else "delta"
         if not is_number(item[number_key]):
-            c.fail(f"{w}.{number_key}", "expected a number", _line_of(item, number_key))
+            c.fail(f"{w}.{number_key}", "expected a number", line_of(item, number_key))
         if ("delta" in item) != ("vs" in item):
             c.fail(w, "vs (the column the delta is measured against) goes with delta", line)
         note = c.text(item, "note", w) if "note" in item else None
         out.append(
             PaperEntry(
                 item["metric"],
-                tuple((row_names.index(k), _canon(v)) for k, v in row.items()),
-                _canon(item["column"]),
+                tuple((row_names.index(k), canonical(v)) for k, v in row.items()),
+                canonical(item["column"]),
                 item.get("value"),
                 item.get("delta"),
-                _canon(item.get("vs")),
+                canonical(item.get("vs")),
                 note,
             )
         )
@@ -511,7 +511,7 @@ def _parse_plots(
 ) -> tuple[PlotSpec, ...]:
     node = doc.get("plots") or []
     if not isinstance(node, list):
-        c.fail("plots", "expected a list", _line_of(doc, "plots"))
+        c.fail("plots", "expected a list", line_of(doc, "plots"))
     by_label = {m.label: m for m in cells}
     default_by = {
         "mask_ratio": "distill_weight",
@@ -521,7 +521,7 @@ def _parse_plots(
     }
     out = []
     for i, item in enumerate(node):
-        w, line = f"plots[{i}]", _line_of(node, i)
+        w, line = f"plots[{i}]", line_of(node, i)
         item = c.keys(
             item, w, line, ("kind", "metric", "x", "y", "by", "panels", "file", "title"), ("kind",)
         )
@@ -530,7 +530,7 @@ def _parse_plots(
             c.fail(
                 f"{w}.kind",
                 f"{kind!r} is not one of {', '.join(PLOT_KINDS)}",
-                _line_of(item, "kind"),
+                line_of(item, "kind"),
             )
         keys = ("x", "y") if kind == "id_vs_ood" else ("metric",)
         for key in ("metric", "x", "y"):
@@ -538,7 +538,7 @@ def _parse_plots(
                 c.fail(
                     f"{w}.{key}",
                     f"not used by kind {kind} (it takes {', '.join(keys)})",
-                    _line_of(item, key),
+                    line_of(item, key),
                 )
             if key in keys and key not in item:
                 c.fail(f"{w}.{key}", f"required for kind {kind}", line)
@@ -555,25 +555,25 @@ def _parse_plots(
                         f"{w}.{key}",
                         f"{m!r} is not a cell label {list(by_label)} "
                         "(or give a {label, path} mapping)",
-                        _line_of(item, key),
+                        line_of(item, key),
                     )
                 metrics.append(by_label[m])
             else:
-                metrics.append(c.metric(m, f"{w}.{key}", _line_of(item, key)))
+                metrics.append(c.metric(m, f"{w}.{key}", line_of(item, key)))
         by_node = item.get("by", default_by[kind])
-        by = c.axis(by_node, f"{w}.by", _line_of(item, "by"))
+        by = c.axis(by_node, f"{w}.by", line_of(item, "by"))
         if by_node == column.name:  # same field as the table's columns: same order and labels
             by = column
         panels_node = item.get("panels", ["model", "dataset"])
         if not isinstance(panels_node, list):
-            c.fail(f"{w}.panels", "expected a list of fields", _line_of(item, "panels"))
+            c.fail(f"{w}.panels", "expected a list of fields", line_of(item, "panels"))
         panels = tuple(
-            c.axis(p, f"{w}.panels[{j}]", _line_of(panels_node, j))
+            c.axis(p, f"{w}.panels[{j}]", line_of(panels_node, j))
             for j, p in enumerate(panels_node)
         )
         file = c.text(item, "file", w) if "file" in item else None
         if file is not None and (Path(file).name != file or not file.endswith(".png")):
-            c.fail(f"{w}.file", "expected a plain file name ending in .png", _line_of(item, "file"))
+            c.fail(f"{w}.file", "expected a plain file name ending in .png", line_of(item, "file"))
         title = c.text(item, "title", w) if "title" in item else None
         out.append(PlotSpec(kind, tuple(metrics), by, panels, file, title))
     return tuple(out)

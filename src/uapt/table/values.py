@@ -41,7 +41,7 @@ class _Missing:
         return "<missing>"
 
 
-_MISSING: Any = _Missing()  # a path that does not exist in a record
+MISSING: Any = _Missing()  # a path that does not exist in a record
 
 
 class _Map(dict):
@@ -56,17 +56,17 @@ class _Seq(list):
     lines: list[int]
 
 
-class _Loader(yaml.SafeLoader):
+class LineLoader(yaml.SafeLoader):
     pass
 
 
-class _YamlProblem(Exception):
+class YamlProblem(Exception):
     def __init__(self, line: int, message: str):
         super().__init__(message)
         self.line = line
 
 
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
+def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> _Map:
     loader.flatten_mapping(node)
     out = _Map()
     out.lines = {}
@@ -76,26 +76,26 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
         try:
             hash(key)
         except TypeError:
-            raise _YamlProblem(line, f"unhashable mapping key {key!r}") from None
+            raise YamlProblem(line, f"unhashable mapping key {key!r}") from None
         if key in out:
-            raise _YamlProblem(line, f"duplicate key {key!r}")
+            raise YamlProblem(line, f"duplicate key {key!r}")
         out[key] = loader.construct_object(value_node, deep=True)
         out.lines[key] = line
     return out
 
 
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+def _construct_seq(loader: LineLoader, node: yaml.SequenceNode) -> _Seq:
     out = _Seq(loader.construct_object(item, deep=True) for item in node.value)
     out.lines = [item.start_mark.line + 1 for item in node.value]
     return out
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
-def _line_of(container: Any, key: Any) -> int | None:
+def line_of(container: Any, key: Any) -> int | None:
     lines = getattr(container, "lines", None)
     if isinstance(lines, dict):
         return lines.get(key)
@@ -104,26 +104,26 @@ def _line_of(container: Any, key: Any) -> int | None:
     return None
 
 
-def _canon(v: Any) -> Any:
+def canonical(v: Any) -> Any:
     """A hashable key for a record value; numbers rounded so YAML 0.1 equals JSON 0.1."""
     if is_number(v):
         return float(round(float(v), 10))
     if isinstance(v, list | tuple):
-        return tuple(_canon(x) for x in v)
+        return tuple(canonical(x) for x in v)
     if isinstance(v, dict):
-        return tuple(sorted((str(k), _canon(x)) for k, x in v.items()))
+        return tuple(sorted((str(k), canonical(x)) for k, x in v.items()))
     return v
 
 
-def _equal(a: Any, b: Any) -> bool:
+def values_equal(a: Any, b: Any) -> bool:
     if is_number(a) and is_number(b):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     if isinstance(a, bool) != isinstance(b, bool):
         return False
-    return _canon(a) == _canon(b)
+    return canonical(a) == canonical(b)
 
 
-def _sort_key(v: Any) -> tuple[int, Any]:
+def sort_key(v: Any) -> tuple[int, Any]:
     if is_number(v):
         return (0, v)
     if isinstance(v, str):
@@ -133,7 +133,7 @@ def _sort_key(v: Any) -> tuple[int, Any]:
     return (2, str(v))
 
 
-def _fmt_value(v: Any) -> str:
+def format_value(v: Any) -> str:
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -186,6 +186,6 @@ def lookup(record: Any, path: Sequence[str]) -> Any:
     cur = record
     for seg in path:
         if not isinstance(cur, Mapping) or seg not in cur:
-            return _MISSING
+            return MISSING
         cur = cur[seg]
     return cur
