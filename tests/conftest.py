@@ -31,6 +31,7 @@ SLOW_MODULES = {
     "test_gpu_check",
     "test_invariance",
     "test_launchers",
+    "test_plan_sweeps",
     "test_resume",
     "test_run_folder",
     "test_slurm",

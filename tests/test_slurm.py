@@ -175,21 +175,24 @@ def requeued(cluster: Cluster, job: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- a grid
-GRID = (0.7, 0.5, 1.5, 0.9)  # objective.mask_ratio of array tasks 0..3
+GRID = (0.7, 0.5)  # objective.mask_ratio, first with the tiny model, then with a broken one
 
 
 @pytest.fixture(scope="module")
 def grid(slurm_cluster, tmp_path_factory):
-    """One sweep of 4 points, 2 at a time: 0.5 trains; 1.5 is refused by its run (a bad value);
-    task 0 is cancelled while it runs (SLURM records it CANCELLED); task 3 is cancelled while it
-    waits for a place (SLURM then keeps no record of it at all)."""
+    """One sweep of 4 points, 2 at a time (model.path x mask_ratio: tasks 0-1 the tiny model at
+    0.7 and 0.5, tasks 2-3 a model folder that does not load): 0.5 trains; task 2 fails in its
+    run (no check can see that before); task 0 is cancelled while it runs (SLURM records it
+    CANCELLED); task 3 is cancelled while it waits for a place (SLURM keeps no record of it)."""
     runs = tmp_path_factory.mktemp("grid")
+    broken = tmp_path_factory.mktemp("not-a-model")
     points = ",".join(map(str, GRID))
     sweep = Sweep(
         slurm_cluster,
         runs,
         "grid",
         *RUN,
+        f"model.path=null,{broken}",
         f"objective.mask_ratio={points}",
         "hydra.launcher.array_parallelism=2",
     )
@@ -211,7 +214,7 @@ def test_grid_is_one_throttled_job_array(slurm_cluster, grid):
     # One array, one task per point; the task cancelled while pending left no record.
     assert sorted(rows) == [f"{array}_{i}" for i in range(3)], rows
     states = [rows[f"{array}_{i}"]["State"] for i in range(3)]
-    # A bad value is its run's failure, not the job's: the job ends normally.
+    # A run that fails is the run's failure, not the job's: the job ends normally.
     assert states[0].startswith("CANCELLED") and states[1:] == ["COMPLETED"] * 2, rows
     # array_parallelism=2 on a node with room for 8: never more than 2 at once, and 2 did run.
     spans = [(int(r["Start"]), int(r["End"])) for r in rows.values()]
@@ -225,12 +228,25 @@ def test_failing_points_are_isolated_and_summarised(grid):
     line = summary(grid["output"])
     assert line.startswith("sweep: 1 completed, 0 skipped, 3 failed"), line
     array = grid["array"]
-    assert "objective.mask_ratio=1.5" in line  # refused by its run, which says why
+    assert "model.path=" in line and "cannot be loaded" in line  # its run says why
     assert f"SLURM job {array}_0 ended CANCELLED" in line  # killed: the launcher says how
     assert f"SLURM job {array}_3 vanished without a record" in line
     records = [record(p.parent) for p in grid["runs"].glob("tiny-*/run.json")]
     done = [r["summary"]["mask_ratio"] for r in records if r["status"] == "completed"]
     assert done == [0.5] and all(r["attempts"] == 1 for r in records)
+
+
+def test_an_invalid_point_submits_nothing(slurm_cluster, tmp_path):
+    """A bad value in one point stops the launch before sbatch: one line, exit status 2, no job
+    in SLURM's accounting (which lists pending jobs too), no folder written."""
+    accounted = set(slurm_cluster.command("sacct", "-n", "-X", "-a", "-o", "JobID").split())
+    sweep = Sweep(slurm_cluster, tmp_path / "runs", "invalid", *RUN, "objective.mask_ratio=0.5,1.5")
+    code, output = sweep.finish()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, output[-3000:]
+    assert "objective.mask_ratio=1.5 is not a finite number in [0, 1)" in lines[0]
+    assert not (tmp_path / "runs").exists()
+    assert set(slurm_cluster.command("sacct", "-n", "-X", "-a", "-o", "JobID").split()) == accounted
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from uapt import (
     files,
     fsdp,
     inputs,
+    plan,
     records,
     run_folder,
     run_lock,
@@ -38,7 +40,7 @@ from uapt import (
     tune,
 )
 from uapt.batches import BatchStream
-from uapt.config import RunConfig, validate
+from uapt.config import RunConfig
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
@@ -305,9 +307,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
 
 def execute(plain: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
-    validate(plain)  # every key checked before anything is read, loaded or created
-    tune.check_tuned(plain)
-    cfg = RunConfig.parse(inputs.with_fingerprints(dict(plain)))  # local inputs: content is the id
+    cfg = plan.checked_run(plain)  # every key checked before anything is read, loaded or created
     folder = records.run_dir(cfg.plain)
     ids = {"id": records.run_id(cfg.plain), "slug": records.run_slug(cfg.plain)}
     outcome = {**ids, "dir": str(folder)}
@@ -400,7 +400,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     setup_logging()
     multirun = in_multirun()
     try:
-        outcome = execute(OmegaConf.to_container(cfg, resolve=True))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        if not multirun and (plain.get("plan") or {}).get("enabled"):  # a multirun's: PlanCheck
+            print("\n".join(plan.plan_run(plain, hydra_overrides())), flush=True)
+            return {"status": "planned"}
+        outcome = execute(plain)
     except UserError as e:  # a bad config, data file, model source or damaged file: named
         if not multirun:
             if show_traceback():
@@ -431,5 +435,11 @@ def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:
     return {**ids, "status": "failed", "error": error}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`uapt-train`: `plan=true` and `+plan=true` (the words a user tries) mean `plan=on`."""
+    sys.argv = plan.normalized_argv(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()
