@@ -309,3 +309,21 @@ def test_the_plan_key_is_not_semantic():
     on = compose_run(*TINY, "plan=on", "plan.device=h100")
     assert records.run_id(on) == records.run_id(compose_run(*TINY))
     assert dataclasses.asdict(plan.checked_run(on).plan)["device"] == "h100"
+
+
+def test_a_plan_prices_each_eval_task_and_the_base_model_once(tmp_path, tiny_tokenizer):
+    from uapt.arith import arith_rows
+
+    plain = compose_run(
+        *TINY, "eval=embedded", "trainer.max_steps=2", "plan=on", "plan.device=cpu",
+        f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    lines = plan.plan_run(plain, [])
+    questions = [r["question"] for r in arith_rows(64, 0, "test")]
+    prompt = sum(len(i) for i in tiny_tokenizer(questions)["input_ids"]) / 64
+    (evals,) = [line for line in lines if line.startswith("eval=embedded")]
+    assert f"arith 64 x 1 x ({prompt:.0f} prompt + 64 generated)" in evals
+    assert "ifeval_embedded 48 x 1 x (" in evals and "+ 128 generated)" in evals
+    (total,) = [line for line in lines if line.startswith("total:")]
+    assert "(1 model x suite, once)" in total and "1 train;" in total
+    assert not (tmp_path / "runs").exists()

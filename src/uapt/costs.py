@@ -15,6 +15,7 @@ MFU) with the device's peak and an MFU from DEVICES. docs/plan.md says what each
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -147,7 +148,7 @@ def _meta_counts(config_json: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**__import__("json").loads(config_json))
+    config = AutoConfig.for_model(**json.loads(config_json))
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in net.parameters())
@@ -155,8 +156,6 @@ def _meta_counts(config_json: str) -> tuple[int, int]:
 
 
 def _shape(config: Any, source: str) -> ModelShape:
-    import json
-
     total, embedding = _meta_counts(json.dumps(config.to_dict(), sort_keys=True, default=str))
     text = getattr(config, "get_text_config", lambda: config)()
     tied = bool(getattr(text, "tie_word_embeddings", False))
@@ -466,8 +465,6 @@ def _samples(total: int, limit: int | float | None) -> int:
 
 
 def _jsonl(path: str) -> list[dict[str, Any]]:
-    import json
-
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 

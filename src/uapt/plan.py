@@ -53,7 +53,8 @@ class Point:
 
     overrides: list[str]
     run: RunConfig
-    trials: int = 1  # a tuning study: trials the sampler proposes at run time
+    trials: int = 1  # runs it stands for: a tuning study's trials
+    proposed: bool = False  # a tuning study: its trials' settings are proposed at run time
 
     @property
     def folder(self) -> Path:
@@ -161,14 +162,10 @@ def grid_points(master: DictConfig) -> list[Point]:
     points = [Point(job, compose_point(loader, master, job)) for job in jobs]
     if not study:
         return points
-    trials = int(master.hydra.sweeper.get("n_trials") or 1)
-    per_study = len(jobs) // len(tune.points(dict(master.hydra.sweeper.grid)))
-    return [replace_trials(p, trials) for p in points[::per_study]]
-
-
-def replace_trials(point: Point, trials: int) -> Point:
-    point.trials = trials
-    return point
+    studies = points[:: len(jobs) // len(tune.points(dict(master.hydra.sweeper.grid)))]
+    for p in studies:  # one line per study, at the first of its checked settings
+        p.trials, p.proposed = int(master.hydra.sweeper.get("n_trials") or 1), True
+    return studies
 
 
 # ----------------------------------------------------------------------------- states
@@ -205,7 +202,8 @@ def point_state(folder: Path, force: bool) -> State:
         record = records.read_record(folder)
     except files.DamagedFile as e:
         step = 0 if force else latest_step(folder)
-        return State("damaged", "resume" if step else "rerun", step, f"record set aside: {e.why}")
+        why = f"{e.why}; the launch sets it aside"
+        return State("damaged", "resume" if step else "rerun", step, why)
     status = (record or {}).get("status")
     if status == "completed":
         return State("completed", "rerun", detail="force=true") if force else State(status, "skip")
@@ -281,7 +279,7 @@ def plan_lines(points: Sequence[Point], config: PlanConfig, what: str) -> list[s
     lines: list[Line] = []
     with pricing.quiet_data_logs():
         for p in points:
-            if p.trials > 1:
+            if p.proposed:
                 state = State("proposed", "train", detail=f"tuning study, {p.trials} trials")
             else:
                 state = point_state(p.folder, p.run.force)
@@ -303,7 +301,7 @@ def _point_text(line: Line) -> str:
     text = line.state.text()
     cost, trials = line.cost, line.point.trials
     if cost is not None:
-        per = f"{trials} x " if trials > 1 else ""
+        per = f"{trials} x " if line.point.proposed else ""
         text += (
             f"; {per}{cost.train.steps} steps, {_count(cost.train.tokens)} tokens, "
             f"{_flops(cost.train.total + cost.eval_flops)} FLOP, {_duration(cost.seconds)}"
@@ -331,9 +329,27 @@ def _totals(lines: Sequence[Line], costing: Costing) -> list[str]:
         f"({sums.fill_rows} rows, once), base-model evaluation {_flops(sums.flops['base'])} "
         f"({sums.base_evals} model x suite, once); {sum(sums.hours.values()):.3g} {unit}"
     ]
+    out += _eval_lines(costing, lines)
     out += _device_lines(costing, lines)
     out += [f"estimate: {', '.join(what)}: {rule}" for rule, what in costing.estimates.items()]
     out += [f"not priced: {what}" for what in costing.unknown]
+    return out
+
+
+def _eval_lines(costing: Costing, lines: Sequence[Line]) -> list[str]:
+    """Per eval suite, each task's tokens: samples x requests x (prompt + new)."""
+    suites: dict[str, RunConfig] = {}
+    for line in lines:
+        if line.cost is not None and line.point.run.eval.task_specs:
+            suites.setdefault(line.point.run.eval.name, line.point.run)
+    out = []
+    for name, run in suites.items():
+        tasks = "; ".join(
+            f"{t.name} {t.samples} x {t.requests} x ({t.prompt:.0f} prompt + {t.new:.0f} "
+            f"{'generated' if t.kind == 'generate_until' else 'scored'})"
+            for t in costing.tasks(run)
+        )
+        out.append(f"eval={name}, tokens per evaluation (samples x requests x tokens): {tasks}")
     return out
 
 
@@ -414,7 +430,7 @@ class PlanCheck(Callback):
         except UserError as e:
             if show_traceback():
                 raise
-            log.error("bad configuration: %s", e)
+            log.error("%s: %s", "bad configuration" if isinstance(e, ConfigError) else "error", e)
             raise SystemExit(2) from None
         if lines is not None:
             print("\n".join(lines), flush=True)
