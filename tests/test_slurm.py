@@ -80,7 +80,8 @@ class Sweep:
             tasks = sorted((n for n in names if "_" in n), key=lambda n: int(n.split("_")[1]))
             return tasks or names or None
 
-        return wait_until(submitted, 120, f"the jobs of {self.submitit.parent.name}")
+        # start-up, the check of every grid point, then sbatch: minutes on 2 busy cores
+        return wait_until(submitted, 300, f"the jobs of {self.submitit.parent.name}")
 
     def array_id(self) -> str:
         return self.jobs()[0].split("_")[0]
@@ -88,7 +89,8 @@ class Sweep:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def finish(self, timeout_s: float = 240) -> tuple[int, str]:
+    # the grid check, then short tiny runs as SLURM jobs: minutes on 2 busy cores
+    def finish(self, timeout_s: float = 480) -> tuple[int, str]:
         try:
             code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -236,17 +238,19 @@ def test_failing_points_are_isolated_and_summarised(grid):
     assert done == [0.5] and all(r["attempts"] == 1 for r in records)
 
 
-def test_an_invalid_point_submits_nothing(slurm_cluster, tmp_path):
+def test_an_invalid_point_submits_nothing(slurm_cluster, grid, tmp_path):
     """A bad value in one point stops the launch before sbatch: one line, exit status 2, no job
-    in SLURM's accounting (which lists pending jobs too), no folder written."""
-    accounted = set(slurm_cluster.command("sacct", "-n", "-X", "-a", "-o", "JobID").split())
+    of this sweep in SLURM's accounting (pending jobs included: each job's submit line names its
+    sweep's folder), no folder written."""
     sweep = Sweep(slurm_cluster, tmp_path / "runs", "invalid", *RUN, "objective.mask_ratio=0.5,1.5")
     code, output = sweep.finish()
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, output[-3000:]
     assert "objective.mask_ratio=1.5 is not a finite number in [0, 1)" in lines[0]
     assert not (tmp_path / "runs").exists()
-    assert set(slurm_cluster.command("sacct", "-n", "-X", "-a", "-o", "JobID").split()) == accounted
+    submitted = slurm_cluster.command("sacct", "-n", "-X", "-a", "-P", "-o", "JobID,SubmitLine")
+    assert "/.sweeps/grid/" in submitted  # the grid's jobs are listed with their folder
+    assert "/.sweeps/invalid/" not in submitted
 
 
 # ----------------------------------------------------------------------------- preemption
