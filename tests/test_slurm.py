@@ -373,7 +373,7 @@ def test_the_same_sweep_submitted_twice_trains_each_run_once(slurm_cluster, tmp_
         arrays = {d.name for d in first.submitit.glob("[0-9]*") if d.name.isdigit()}
         return sorted(arrays, key=int) if len(arrays) == 2 else None
 
-    arrays = wait_until(both_submitted, 120, "both submissions")
+    arrays = wait_until(both_submitted, 300, "both submissions")  # each checks its grid first
     for array in arrays:  # the first runs, and the second is submitted while it does
         slurm_cluster.command("scontrol", "release", array)
     results = [first.finish(), second.finish()]
