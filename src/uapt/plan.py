@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from uapt import checkpoint, diff, files, inputs, pricing, records, run_lock, tune
+from uapt import checkpoint, diff, files, inputs, pricing, records, run_lock, sweeps, tune
 from uapt.config import RunConfig, validate
 from uapt.console import setup_logging
 from uapt.devices import PlanConfig, rate
@@ -38,11 +38,16 @@ from uapt.schema import ConfigError
 log = logging.getLogger("uapt")
 
 
-def checked_run(plain: Mapping[str, Any]) -> RunConfig:
+def checked_run(
+    plain: Mapping[str, Any], before_inputs: Callable[[RunConfig], None] | None = None
+) -> RunConfig:
     """A composed run config checked as its run checks it before anything is read or loaded;
-    local inputs fingerprinted (their content is part of the run id)."""
-    validate(plain)
+    local inputs fingerprinted (their content is part of the run id). `before_inputs`: a run's
+    own check of the checked config before the fingerprints are read and cached (require_clean)."""
+    checked = validate(plain)
     tune.check_tuned(plain)
+    if before_inputs is not None:
+        before_inputs(checked)
     return RunConfig.parse(inputs.with_fingerprints(dict(plain)))
 
 
@@ -423,6 +428,7 @@ class PlanCheck(Callback):
         from uapt.errors import show_traceback
 
         setup_logging()
+        sweeps.check_checkout(config)  # require_clean: a dirty tree refused before anything is read
         try:
             wanted = plan_section(config.get("plan"))
             points = grid_points(config)
