@@ -104,6 +104,47 @@ def test_eval_tasks_cost_by_kind():
     assert costs.TASK_KINDS["nll"] is costs.TASK_KINDS["loglikelihood"]
 
 
+NLL_ROWS = [("What is 2 + 3?", "It is 5."), ("Name a colour.", "Blue, the colour of the sky.")]
+
+
+def nll_spec(tmp_path: Path, **extra):
+    from uapt.evaluation.suite import TaskSpec
+
+    path = tmp_path / "nll.jsonl"
+    path.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in NLL_ROWS))
+    raw = {"name": "toy_nll", "task": "nll", "data_files": str(path), **extra}
+    return TaskSpec.parse({**raw, "prompt_field": "q", "response_field": "a"}, "eval.tasks[0]")
+
+
+def test_the_nll_task_costs_one_forward_over_prompt_and_response(tmp_path, tiny_tokenizer):
+    system = "Answer briefly."
+    found = costs.task_cost(nll_spec(tmp_path), tiny_tokenizer, system)
+    prompts, scored = [], []
+    for q, a in NLL_ROWS:  # by hand: the chat template with and without the response
+        head = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        full = tiny_tokenizer.apply_chat_template(
+            [*head, {"role": "assistant", "content": a}], tokenize=True
+        )["input_ids"]
+        asked = tiny_tokenizer.apply_chat_template(
+            head, tokenize=True, add_generation_prompt=True
+        )["input_ids"]
+        scored.append(len(full) - len(asked) - 1)  # the newline after the end of turn: no label
+        prompts.append(len(full) - scored[-1])
+    assert (found.kind, found.samples, found.requests) == ("nll", 2, 1)
+    assert found.prompt == sum(prompts) / 2 and found.new == sum(scored) / 2
+    assert found.estimate is None
+    mean = round(found.prompt + found.new)
+    assert costs.eval_flops([found], SHAPE) == 2 * fwd(mean)  # one forward per row, no generation
+
+
+def test_the_nll_task_without_its_tokenizer_is_an_estimate_with_its_rule(tmp_path):
+    found = costs.task_cost(nll_spec(tmp_path, max_length=15), None)
+    # characters / 4 rounded up, + 4 per message: prompts 4 + 4 and 4 + 4; responses 2 + 4 and
+    # 7 + 4, the second cut to 15 - 8 = 7 by max_length
+    assert (found.samples, found.prompt, found.new) == (2, 8, (6 + 7) / 2)
+    assert "characters/4 + 4 per message, capped at max_length" in found.estimate
+
+
 def test_tokenised_rows_of_a_constructed_file_are_counted_exactly(tmp_path, tiny_tokenizer):
     rows = [{"q": f"What is {i} + {i}?" * (i + 1), "a": f"It is {2 * i}."} for i in range(4)]
     path = tmp_path / "data.jsonl"

@@ -469,10 +469,12 @@ def _jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def task_cost(spec: Any, tokenizer: Any | None) -> TaskCost | None:
+def task_cost(spec: Any, tokenizer: Any | None, system: str | None = None) -> TaskCost | None:
     """The cost of one eval task (a checked uapt.evaluation.suite.TaskSpec); None when uapt
-    cannot tell (a task it has no figures for)."""
+    cannot tell (a task it has no figures for). `system`: the suite's system instruction."""
     how = None if tokenizer is not None else f"tokens = characters/{CHARS_PER_TOKEN}"
+    if spec.is_nll:
+        return nll_cost(spec, tokenizer, system)
     if spec.task == "arith":
         from uapt.arith import arith_rows
 
@@ -505,6 +507,35 @@ def task_cost(spec: Any, tokenizer: Any | None) -> TaskCost | None:
     return TaskCost(
         spec.name, known.kind, _samples(known.samples, spec.limit), requests, prompt, new, rule
     )
+
+
+def nll_cost(spec: Any, tokenizer: Any | None, system: str | None) -> TaskCost:
+    """uapt's nll task: one forward per row over its prompt and reference response, the rows
+    read and tokenised as the task reads them (uapt.evaluation.nll); without the tokenizer,
+    characters / 4 plus the chat template's markers, capped at the task's max_length."""
+    from uapt.data import IGNORE_INDEX
+    from uapt.evaluation import nll
+
+    rows = nll.read_rows(spec)
+    max_length = spec.max_length or nll.DEFAULT_MAX_LENGTH
+    if tokenizer is not None:
+        encoded = nll.encode(rows, tokenizer, max_length, system)
+        scored = [sum(label != IGNORE_INDEX for label in labels) for _, _, labels in encoded]
+        prompt = [len(ids) - n for (_, ids, _), n in zip(encoded, scored, strict=True)]
+        return TaskCost(spec.name, "nll", len(encoded), 1, _mean(prompt), _mean(scored))
+    head = [system] if system else []
+    prompt, scored = [], []
+    for _, question, answer in rows:
+        asked = sum(token_counts([*head, question], None)) + TOKENS_PER_MESSAGE * (len(head) + 1)
+        answered = token_counts([answer], None)[0] + TOKENS_PER_MESSAGE
+        if asked < max_length:  # else no response token fits: the task leaves the row out
+            prompt.append(asked)
+            scored.append(min(answered, max_length - asked))
+    rule = (
+        f"tokens = characters/{CHARS_PER_TOKEN} + {TOKENS_PER_MESSAGE} per message, "
+        "capped at max_length"
+    )
+    return TaskCost(spec.name, "nll", len(prompt), 1, _mean(prompt), _mean(scored), rule)
 
 
 def _generation(

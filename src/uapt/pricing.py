@@ -105,7 +105,7 @@ class Costing:
         def price() -> list[costs.TaskCost]:
             found = []
             for spec in run.eval.task_specs:
-                task = costs.task_cost(spec, self.tokenizer(run))
+                task = costs.task_cost(spec, self.tokenizer(run), run.eval.system_instruction)
                 if task is None:
                     self.unknown[f"eval task {spec.name}: no figures (uapt.costs.KNOWN_TASKS)"] = (
                         None
