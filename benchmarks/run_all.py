@@ -49,6 +49,7 @@ BENCHMARKS = (
     Benchmark("global_selection", "global_selection.py"),
     Benchmark("packing", "packing.py"),
     Benchmark("bootstrap_draws", "bootstrap_draws.py"),
+    Benchmark("plan_accuracy", "plan_accuracy.py"),  # after the ratios its projection reads
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
     Benchmark(
@@ -302,7 +303,42 @@ def rows_bootstrap_draws(p: dict[str, Any]) -> list[Row]:
     ]
 
 
+def rows_plan_accuracy(p: dict[str, Any]) -> list[Row]:
+    cpu = p["cpu"]
+    rows = [
+        [
+            "cpu peak, fp32 matrix product, one thread (TFLOP/s)",
+            fmt_spread(cpu["peak_tflops"]),
+            "(measured)",
+            "",
+        ],
+        [f"MFU of {cpu['model']}'s training step on cpu", fmt_spread(cpu["mfu"]), "(measured)", ""],
+    ]
+    for name, run in p["runs"].items():
+        factor = run["factor_measured_over_predicted"]
+        rows.append(
+            [
+                f"measured / planned training time, {name} on cpu",
+                fmt_spread(factor),
+                "(reported)",
+                "",
+            ]
+        )
+    grid = p["paper_grid"]
+    rows.append(
+        [
+            f"paper grid on h100, naive / uapt's choices (GPU-hours {grid['naive_hours']:.0f} / "
+            f"{grid['uapt_hours']['total']:.0f}, projected)",
+            f"{grid['ratio_naive_over_uapt']:.3g}",
+            "(no target)",
+            "",
+        ]
+    )
+    return rows
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "plan_accuracy": rows_plan_accuracy,
     "bootstrap_draws": rows_bootstrap_draws,
     "packing": rows_packing,
     "global_selection": rows_global_selection,
@@ -352,6 +388,7 @@ The benchmarks:
 | `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |
 | `packing.py` | assistant tokens/s of packed / padded micro-batches (and packed split by a token budget), SmolLM2-135M-Instruct on real GSM8K rows, micro-batch 8, mle and masked_mle_distill; step time of `trainer.compile=true` / eager, tiny and SmolLM2 | packed >= 1.3; compiled <= 0.8 |
 | `bootstrap_draws.py` | time of one table cell's paired bootstrap interval (3 seeds, 10,000 draws), a loop over draws / `uapt.bootstrap.paired_samples`, at GSM8K's and TruthfulQA MC2's test sizes; the two intervals agree up to Monte Carlo error | >= 10 |
+| `plan_accuracy.py` | the plan's CPU figures (an fp32 matrix product's peak, SmolLM2's training-step MFU on GSM8K rows), its planned training time against whole `uapt-train` runs (tiny on arith, SmolLM2 on GSM8K rows), and the paper grid's projected GPU-hours on H100 with uapt's choices against naive ones priced by the ratios above ([docs/plan.md](plan.md)) | none (report the factors) |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |
 
 Two targets are out of reach by construction, whatever the machine:
@@ -385,6 +422,21 @@ Packing and compile (`packing.py`):
   and what Inductor fuses around them (norms, activations, rotary embeddings) is a small share at
   these sizes. So `trainer.compile=auto` leaves it off on CPU; on CUDA it is untested (no GPU was lent)
   and `auto` leaves it off there too until it is measured.
+
+The plan (`plan_accuracy.py`, [docs/plan.md](plan.md)):
+
+- **CPU figures.** The `cpu` device's peak and MFU in `uapt.devices` are this benchmark's medians.
+  Peak and training step run interleaved, so on a shared machine contention lowers the measured
+  peak as it slows the step: the MFU reads high and the peak low, and their product is the rate a
+  run gets here, which is what a plan's time uses.
+- **Accuracy.** Each whole run is planned with the peak and MFU of the same benchmark run, then
+  its training loop is timed from its record: measured / planned is the plan's error on CPU.
+  SmolLM2 steps are matrix products, as the MFU's own step is; the tiny model's steps are so
+  small that per-step work the FLOP count does not see (Python, the optimizer, logging) weighs
+  more, so its factor is larger.
+- **Paper grid.** A projection, not a measurement: the plan of `sweep=paper_grid` on H100 at the
+  assumed GPU MFU, with uapt's choices, and the naive choices priced from it by the ratios other
+  benchmarks measured (their stored last runs, named in the table).
 
 Reproduce: `python benchmarks/run_all.py` (about 15 minutes on 2 busy cores), or one benchmark:
 `python benchmarks/<name>.py [--quick] [--json out.json] [--rounds N] [--threads N]`.

@@ -224,6 +224,27 @@ def test_bootstrap_draws_quick(out_dir):
     assert len(run_all.rows_bootstrap_draws(payload)) == 2
 
 
+def test_plan_accuracy_quick(out_dir):
+    payload, stdout = run_quick("plan_accuracy", out_dir)
+    check_machine(payload)
+    cpu = payload["cpu"]
+    assert 0 < cpu["peak_tflops"]["min"] <= cpu["peak_tflops"]["max"] and cpu["mfu"]["median"] > 0
+    (tiny,) = payload["runs"].values()
+    predicted = tiny["predicted"]
+    assert predicted["seconds"] > 0 and predicted["tokens"] > 0
+    assert tiny["factor_measured_over_predicted"]["median"] == pytest.approx(
+        statistics.median(s / predicted["seconds"] for s in tiny["loop_s"])
+    )
+    grid = payload["paper_grid"]
+    assert grid["points"] == 108 and grid["device"] == "h100"
+    hours = grid["uapt_hours"]
+    assert hours["total"] == pytest.approx(sum(v for k, v in hours.items() if k != "total"))
+    assert grid["ratio_naive_over_uapt"] == pytest.approx(grid["naive_hours"] / hours["total"])
+    assert grid["ratio_naive_over_uapt"] > 1  # every naive factor costs more
+    assert len(run_all.rows_plan_accuracy(payload)) == 4
+    assert "measured / predicted" in stdout and "paper grid (108 runs)" in stdout
+
+
 def test_run_all_renders_every_summary(overhead, throughput, tmp_path):
     by_name = {b.name: b for b in run_all.BENCHMARKS}
     outcomes = {

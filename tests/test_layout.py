@@ -20,13 +20,13 @@ REASON = "Why this size:"  # a module over MAX_LINES says why, in its docstring
 ROOMS: dict[int, tuple[str, ...]] = {
     0: ("errors", "paths", "distributed", "arith", "bootstrap"),  # no uapt import at all
     1: ("schema", "files", "console", "provenance"),  # + what code made a run (git)
-    2: ("ifeval", "smollm2", "records", "run_lock", "inputs", "sweeps", "objectives"),
-    3: ("launch", "run_folder", "data", "models"),  # run folders; the model and data rooms
+    2: ("ifeval", "smollm2", "records", "run_lock", "inputs", "sweeps", "objectives", "devices"),
+    3: ("launch", "run_folder", "data", "models", "diff"),  # run folders; model, data; run diffs
     4: ("fsdp", "packing", "batches", "teacher_cache", "evaluation"),
-    5: ("checkpoint", "tracking", "table"),
-    6: ("loop",),  # the training step and the loop around it
+    5: ("checkpoint", "tracking", "table", "costs"),  # costs: what a run will cost (plans)
+    6: ("loop", "pricing"),  # the training step and the loop around it; what planned runs cost
     7: ("config", "tune"),  # the edge: a whole run's config, tuning sweeps
-    8: ("wandb_report",),  # a study in W&B: tables and tracking together
+    8: ("wandb_report", "plan"),  # a study in W&B; the plan and check of a sweep before it runs
     9: ("train", "prepare", "evaluation.cli", "table.cli"),  # entry points (console scripts)
 }
 ROOM = {name: level for level, names in ROOMS.items() for name in names}

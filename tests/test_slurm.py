@@ -73,8 +73,9 @@ class Sweep:
             tasks = sorted((n for n in names if "_" in n), key=lambda n: int(n.split("_")[1]))
             return tasks or names or None
 
+        # start-up, the check of every grid point, then sbatch: minutes on 2 busy cores
         return wait_until(
-            submitted, 120, f"the jobs of {self.submitit.parent.name}", every_s=POLL_S
+            submitted, 300, f"the jobs of {self.submitit.parent.name}", every_s=POLL_S
         )
 
     def array_id(self) -> str:
@@ -83,7 +84,8 @@ class Sweep:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def finish(self, timeout_s: float = 240) -> tuple[int, str]:
+    # the grid check, then short tiny runs as SLURM jobs: minutes on 2 busy cores
+    def finish(self, timeout_s: float = 480) -> tuple[int, str]:
         try:
             code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -170,21 +172,24 @@ def requeued(cluster: Cluster, job: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- a grid
-GRID = (0.7, 0.5, 1.5, 0.9)  # objective.mask_ratio of array tasks 0..3
+GRID = (0.7, 0.5)  # objective.mask_ratio, first with the tiny model, then with a broken one
 
 
 @pytest.fixture(scope="module")
 def grid(slurm_cluster, tmp_path_factory):
-    """One sweep of 4 points, 2 at a time: 0.5 trains; 1.5 is refused by its run (a bad value);
-    task 0 is cancelled while it runs (SLURM records it CANCELLED); task 3 is cancelled while it
-    waits for a place (SLURM then keeps no record of it at all)."""
+    """One sweep of 4 points, 2 at a time (model.path x mask_ratio: tasks 0-1 the tiny model at
+    0.7 and 0.5, tasks 2-3 a model folder that does not load): 0.5 trains; task 2 fails in its
+    run (no check can see that before); task 0 is cancelled while it runs (SLURM records it
+    CANCELLED); task 3 is cancelled while it waits for a place (SLURM keeps no record of it)."""
     runs = tmp_path_factory.mktemp("grid")
+    broken = tmp_path_factory.mktemp("not-a-model")
     points = ",".join(map(str, GRID))
     sweep = Sweep(
         slurm_cluster,
         runs,
         "grid",
         *RUN,
+        f"model.path=null,{broken}",
         f"objective.mask_ratio={points}",
         "hydra.launcher.array_parallelism=2",
     )
@@ -211,7 +216,7 @@ def test_grid_is_one_throttled_job_array(slurm_cluster, grid):
     # One array, one task per point; the task cancelled while pending left no record.
     assert sorted(rows) == [f"{array}_{i}" for i in range(3)], rows
     states = [rows[f"{array}_{i}"]["State"] for i in range(3)]
-    # A bad value is its run's failure, not the job's: the job ends normally.
+    # A run that fails is the run's failure, not the job's: the job ends normally.
     assert states[0].startswith("CANCELLED") and states[1:] == ["COMPLETED"] * 2, rows
     # array_parallelism=2 on a node with room for 8: never more than 2 at once, and 2 did run.
     spans = [(int(r["Start"]), int(r["End"])) for r in rows.values()]
@@ -225,12 +230,27 @@ def test_failing_points_are_isolated_and_summarised(grid):
     line = summary(grid["output"])
     assert line.startswith("sweep: 1 completed, 0 skipped, 3 failed"), line
     array = grid["array"]
-    assert "objective.mask_ratio=1.5" in line  # refused by its run, which says why
+    assert "Unrecognized model in" in line and "not-a-model" in line  # its run says why
     assert f"SLURM job {array}_0 ended CANCELLED" in line  # killed: the launcher says how
     assert f"SLURM job {array}_3 vanished without a record" in line
     records = [record(p.parent) for p in grid["runs"].glob("tiny-*/run.json")]
     done = [r["summary"]["mask_ratio"] for r in records if r["status"] == "completed"]
     assert done == [0.5] and all(r["attempts"] == 1 for r in records)
+
+
+def test_an_invalid_point_submits_nothing(slurm_cluster, grid, tmp_path):
+    """A bad value in one point stops the launch before sbatch: one line, exit status 2, no job
+    of this sweep in SLURM's accounting (pending jobs included: each job's submit line names its
+    sweep's folder), no folder written."""
+    sweep = Sweep(slurm_cluster, tmp_path / "runs", "invalid", *RUN, "objective.mask_ratio=0.5,1.5")
+    code, output = sweep.finish()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, output[-3000:]
+    assert "objective.mask_ratio=1.5 is not a finite number in [0, 1)" in lines[0]
+    assert not (tmp_path / "runs").exists()
+    submitted = slurm_cluster.command("sacct", "-n", "-X", "-a", "-P", "-o", "JobID,SubmitLine")
+    assert "/.sweeps/grid/" in submitted  # the grid's jobs are listed with their folder
+    assert "/.sweeps/invalid/" not in submitted
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -358,7 +378,8 @@ def test_the_same_sweep_submitted_twice_trains_each_run_once(slurm_cluster, tmp_
         arrays = {d.name for d in first.submitit.glob("[0-9]*") if d.name.isdigit()}
         return sorted(arrays, key=int) if len(arrays) == 2 else None
 
-    arrays = wait_until(both_submitted, 120, "both submissions", every_s=POLL_S)
+    # each submission checks its grid first
+    arrays = wait_until(both_submitted, 300, "both submissions", every_s=POLL_S)
     for array in arrays:  # the first runs, and the second is submitted while it does
         slurm_cluster.command("scontrol", "release", array)
     results = [first.finish(), second.finish()]

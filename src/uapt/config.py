@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 from omegaconf import DictConfig, OmegaConf
 
 from uapt.data import DatasetConfig
+from uapt.devices import PlanConfig
 from uapt.evaluation.suite import SuiteConfig
 from uapt.loop import TrainerConfig, accumulation_steps
 from uapt.models import ModelConfig
@@ -66,6 +67,7 @@ class RunConfig(Section):
     sweep: Any = option(ANY, default=None)  # the grid's own keys (sweeps/): read by Hydra
     inputs: Mapping[str, str] | None = option(optional(MAPPING), default=None)  # uapt.inputs
     tuned: Any = option(ANY, default=None)  # a tuning sweep's best settings: evidence only
+    plan: PlanConfig | None = option(optional(MAPPING), convert=PlanConfig.parse, default=None)
     plain: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

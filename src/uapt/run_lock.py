@@ -207,3 +207,13 @@ class RunLock:
 def inherited() -> bool:
     """Whether a launching process holds this process's run lock (torchrun's ranks)."""
     return bool(os.environ.get(INHERITED_ENV))
+
+
+def live_holder(folder: Path) -> dict[str, Any] | None:
+    """Who holds the run's lock now: its record, or None when nobody does (no lock, or a stale
+    one a launcher would take over). Reads only: for plans."""
+    lock = RunLock(folder)
+    holder = lock.holder()
+    if holder is None or lock._stale(holder) is not None:
+        return None
+    return holder

@@ -34,6 +34,7 @@ from uapt import (
     files,
     fsdp,
     inputs,
+    plan,
     provenance,
     records,
     run_folder,
@@ -42,7 +43,7 @@ from uapt import (
     tune,
 )
 from uapt.batches import BatchStream
-from uapt.config import RunConfig, refuse_renamed_keys, validate
+from uapt.config import RunConfig, refuse_renamed_keys
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
@@ -323,11 +324,13 @@ def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
 
 def execute(plain: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
-    checked = validate(plain)  # every key checked before anything is read, loaded or created
-    tune.check_tuned(plain)
-    state = provenance.tree_state()  # a dirty tree under require_clean: refused before any write
-    provenance.check_launch(state, checked.require_clean, study=announces_study(checked))
-    cfg = RunConfig.parse(inputs.with_fingerprints(dict(plain)))  # local inputs: content is the id
+    state = provenance.tree_state()
+
+    def refuse_dirty(checked: RunConfig) -> None:  # under require_clean: before any write
+        provenance.check_launch(state, checked.require_clean, study=announces_study(checked))
+
+    # every key checked before anything is read, loaded or created (the plan's own check)
+    cfg = plan.checked_run(plain, before_inputs=refuse_dirty)
     folder = records.run_dir(cfg.plain)
     ids = {"id": records.run_id(cfg.plain), "slug": records.run_slug(cfg.plain)}
     outcome = {**ids, "dir": str(folder)}
@@ -448,7 +451,11 @@ def run_command(cfg: DictConfig) -> dict[str, Any]:
     setup_logging()
     multirun = in_multirun()
     try:
-        outcome = execute(OmegaConf.to_container(cfg, resolve=True))
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        if not multirun and (plain.get("plan") or {}).get("enabled"):  # a multirun's: PlanCheck
+            print("\n".join(plan.plan_run(plain, hydra_overrides())), flush=True)
+            return {"status": "planned"}
+        outcome = execute(plain)
     except UserError as e:  # a bad config, data file, model source or damaged file: named
         if not multirun:
             if show_traceback():
@@ -479,5 +486,11 @@ def failed_outcome(cfg: DictConfig, error: str) -> dict[str, Any]:
     return {**ids, "status": "failed", "error": error}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`uapt-train`: `plan=true` and `+plan=true` (the words a user tries) mean `plan=on`."""
+    sys.argv = plan.normalized_argv(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -236,6 +236,27 @@ def suite_hash(suite_cfg: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def base_scores_path(
+    model_cfg: ModelConfig | Mapping[str, Any],
+    suite_cfg: Mapping[str, Any],
+    cache_dir: str | Path,
+    *,
+    init_seed: int | None = None,
+    inputs: Mapping[str, str] | None = None,
+) -> Path:
+    """Where the initial model's scores on a suite are cached (see base_scores)."""
+    from uapt.models import ModelConfig, model_fingerprint
+
+    model = ModelConfig.parse(model_cfg)
+    key = f"{model_fingerprint(model)}-{suite_hash(suite_cfg)}"
+    if not model.path and init_seed is not None:
+        key += f"-s{init_seed}"
+    local = {k: v for k, v in (inputs or {}).items() if k.startswith(("model.", "eval."))}
+    if local:
+        key += "-" + hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / "base_scores" / f"{key}.json"
+
+
 def base_scores(
     model_cfg: ModelConfig | Mapping[str, Any],
     suite_cfg: Mapping[str, Any],
@@ -258,16 +279,8 @@ def base_scores(
     if not parse_suite(suite_cfg).task_specs:
         return {}
     from uapt import files
-    from uapt.models import ModelConfig, model_fingerprint
 
-    model = ModelConfig.parse(model_cfg)
-    key = f"{model_fingerprint(model)}-{suite_hash(suite_cfg)}"
-    if not model.path and init_seed is not None:
-        key += f"-s{init_seed}"
-    local = {k: v for k, v in (inputs or {}).items() if k.startswith(("model.", "eval."))}
-    if local:
-        key += "-" + hashlib.sha256(json.dumps(local, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir).expanduser() / "base_scores" / f"{key}.json"
+    path = base_scores_path(model_cfg, suite_cfg, cache_dir, init_seed=init_seed, inputs=inputs)
     if path.exists():
         try:
             cached = files.read_json(path)
