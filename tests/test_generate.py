@@ -207,6 +207,39 @@ def test_in_place_cache_matches_concatenation(tiny_model):
     assert ours.get_seq_length() == 10
 
 
+def test_packed_prefill_gives_the_padded_batch_numbers(tiny_model, tiny_tokenizer):
+    """Prompts run packed (real tokens only) give bitwise the last-position logits, keys and
+    values that the left-padded batch gives, as model.generate's prefill computes them."""
+    from uapt.evaluation import generate
+
+    lm = lm_for(tiny_model, tiny_tokenizer, "fast")
+    ids, mask = lm.tok_batch_encode(PROMPTS[:7])
+    assert not bool(mask.bool().all())  # the batch has padding
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    layers = tiny_model.config.num_hidden_layers
+    packed, padded = InPlaceCache(layers, ids.shape[1]), InPlaceCache(layers, ids.shape[1])
+    calls = []
+    inner = generate.sdpa_attention_forward
+
+    def counted(*args, **kwargs):  # packed_sdpa's inner call (the padded run's goes elsewhere)
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate, "sdpa_attention_forward", counted)
+        ours = generate._prefill(tiny_model, ids, mask, positions, packed)
+        theirs = generate._forward(tiny_model, ids, mask, positions, padded)
+    assert len(calls) == layers  # the packed path ran
+    assert tiny_model.config._attn_implementation == "sdpa"  # and was switched back
+    assert torch.equal(ours, theirs[:, -1:])
+    real = mask.bool()
+    for a, b in zip(packed.layers, padded.layers, strict=True):
+        for ours_, theirs_ in ((a.keys, b.keys), (a.values, b.values)):
+            # [rows, heads, columns, dim] -> [rows, columns, heads, dim]: tokens by (row, column)
+            assert torch.equal(ours_.transpose(1, 2)[real], theirs_.transpose(1, 2)[real])
+            assert not ours_.transpose(1, 2)[~real].any()  # pads: zeros, masked everywhere
+
+
 def test_stop_texts_fire_when_the_whole_decoded_text_first_holds_a_stop(tiny_tokenizer):
     """The incremental check against the naive one: decode every prefix in full."""
     rng = random.Random(0)

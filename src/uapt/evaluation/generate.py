@@ -25,14 +25,19 @@ sequence overlapping a special token, ...): then lm-eval's own path runs, and th
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import create_causal_mask
 
 from uapt.evaluation.suite import GENERATORS
 
@@ -64,10 +69,50 @@ NEUTRAL_GENERATION_FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where a packed prefill's tokens sit in the left-padded batch model.generate would run."""
+
+    rows: torch.Tensor  # each real token's batch row
+    cols: torch.Tensor  # and its column
+    batch: int
+    length: int  # the padded prompt length
+
+
+_PACKING: contextvars.ContextVar[Packing | None] = contextvars.ContextVar("packing", default=None)
+PACKED_SDPA = "uapt_packed_sdpa"
+
+
+def packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' SDPA attention for a packed prefill: the real tokens' queries [1, heads,
+    tokens, dim] go back to their places in the left-padded batch (pads: zeros), attention runs
+    there as in model.generate's prefill (the keys and values come from InPlaceLayer in that
+    layout, the mask is the padded batch's), and the real tokens' outputs come back packed. A
+    query row's result depends only on its own values and the unmasked keys, so every real token
+    gets the numbers the padded batch gives it; the layers around attention skip the pads."""
+    packing = _PACKING.get()
+    assert packing is not None, "packed_sdpa outside a packed prefill"
+    padded = query.new_zeros(packing.batch, query.shape[1], packing.length, query.shape[-1])
+    padded[packing.rows, :, packing.cols] = query[0].transpose(0, 1)
+    out, weights = sdpa_attention_forward(module, padded, key, value, attention_mask, **kwargs)
+    return out[packing.rows, packing.cols].unsqueeze(0), weights
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+
+
 class InPlaceLayer(DynamicLayer):
     """One layer's keys and values in buffers [rows, heads, capacity, dim] allocated once; each
     update writes its columns in place and returns views of the filled part (DynamicLayer copies
-    the whole cache into a new tensor at every step)."""
+    the whole cache into a new tensor at every step). During a packed prefill (`Packing`) the
+    real tokens' keys and values go to their places in the left-padded batch; pads stay zero."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
@@ -77,12 +122,15 @@ class InPlaceLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        rows, heads, _, dim = key_states.shape
-        self.key_buffer = key_states.new_zeros(rows, heads, self.capacity, dim)
-        self.value_buffer = value_states.new_zeros(
-            rows, heads, self.capacity, value_states.shape[-1]
+        packing = _PACKING.get()
+        self.rows = key_states.shape[0] if packing is None else packing.batch
+        heads = key_states.shape[1]
+        self.key_buffer = key_states.new_zeros(
+            self.rows, heads, self.capacity, key_states.shape[-1]
         )
-        self.rows = rows
+        self.value_buffer = value_states.new_zeros(
+            self.rows, heads, self.capacity, value_states.shape[-1]
+        )
         self.is_initialized = True
 
     def update(
@@ -90,12 +138,19 @@ class InPlaceLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"InPlaceLayer: {end} positions exceed the capacity {self.capacity}")
-        self.key_buffer[: self.rows, :, self.length : end] = key_states
-        self.value_buffer[: self.rows, :, self.length : end] = value_states
-        self.length = end
+        packing = _PACKING.get()
+        if packing is not None:  # [1, heads, tokens, dim] -> their (row, column) places
+            rows, cols = packing.rows, packing.cols
+            self.key_buffer[rows, :, cols] = key_states[0].transpose(0, 1)
+            self.value_buffer[rows, :, cols] = value_states[0].transpose(0, 1)
+            self.length = packing.length
+        else:
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"InPlaceLayer: {end} positions exceed capacity {self.capacity}")
+            self.key_buffer[: self.rows, :, self.length : end] = key_states
+            self.value_buffer[: self.rows, :, self.length : end] = value_states
+            self.length = end
         self._views()
         return self.keys, self.values
 
@@ -253,7 +308,7 @@ def greedy_generate(
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     sizes = ExactSizes(model, rows)
     generated: list[list[int]] = [[] for _ in range(rows)]
-    logits = _forward(model, input_ids, mask, positions, cache)
+    logits = _prefill(model, input_ids, mask, positions, cache)
     for step in range(max_new_tokens):
         next_ids = logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
         live = ~done
@@ -291,6 +346,48 @@ def _forward(
         use_cache=True,
         logits_to_keep=1,
     ).logits
+
+
+def _prefill(
+    model: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: InPlaceCache,
+) -> torch.Tensor:
+    """The prompts' last-position logits [rows, 1, vocab]. With padding and SDPA attention the
+    prompts run packed (only real tokens through the layers, `packed_sdpa`), else as a batch."""
+    config = model.config
+    real = mask.bool()
+    if bool(real.all()) or config._attn_implementation != "sdpa":
+        return _forward(model, input_ids, mask, positions, cache)
+    rows, length = input_ids.shape
+    padded_mask = create_causal_mask(  # what the model builds for the padded batch
+        config=config,
+        inputs_embeds=torch.empty(rows, length, 0, dtype=model.dtype, device=input_ids.device),
+        attention_mask=mask,
+        cache=cache,
+        position_ids=positions,
+    )
+    if padded_mask is None:
+        return _forward(model, input_ids, mask, positions, cache)
+    where = real.nonzero(as_tuple=True)
+    last = real.sum(-1).cumsum(0) - 1  # each row's last token in the packed sequence
+    token = _PACKING.set(Packing(where[0], where[1], rows, length))
+    config._attn_implementation = PACKED_SDPA
+    try:
+        logits = model(
+            input_ids=input_ids[real][None],
+            attention_mask=padded_mask,
+            position_ids=positions[real][None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=last,
+        ).logits
+    finally:
+        config._attn_implementation = "sdpa"
+        _PACKING.reset(token)
+    return logits[0][:, None]
 
 
 def _stopped(
