@@ -25,8 +25,12 @@ The outputs are compared: per sample, fast vs today (and the per-sample outcomes
 each differing sample's first differing token is checked for a near tie (generate.divergence,
 generate.NEAR_TIE).
 
+`--profile TASK` instead profiles one task's generation by today's path and by the loop
+(torch.profiler): where the time goes, for docs/performance.md.
+
     python benchmarks/eval_generation.py                    # SmolLM2, eval=repro_real, 3 rounds
     python benchmarks/eval_generation.py --quick --json /tmp/gen.json
+    python benchmarks/eval_generation.py --profile ifeval   # the profile of one task
 """
 
 from __future__ import annotations
@@ -382,6 +386,83 @@ def measure(sizes: dict[str, Any], rounds: int) -> dict[str, Any]:
     }
 
 
+class Forwards:
+    """Seconds in the model's forward calls: prefill (several positions a row) and decoding."""
+
+    def __init__(self, model: Any) -> None:
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self.steps, self.rows = 0, 0
+        self.handles = [
+            model.register_forward_pre_hook(self.start, with_kwargs=True),
+            model.register_forward_hook(self.stop, with_kwargs=True),
+        ]
+
+    def start(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        ids = kwargs["input_ids"]
+        phase = "decode" if ids.shape[-1] == 1 else "prefill"
+        self.seconds[phase] += time.perf_counter() - self.started
+        if phase == "decode":
+            self.steps, self.rows = self.steps + 1, self.rows + ids.shape[0]
+
+
+def profile(sizes: dict[str, Any], task: str) -> dict[str, Any]:
+    """One task's generation by today's path and by the loop, each under torch.profiler: wall
+    time, forward time by phase, decoding steps and rows, and the operators' shares."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from uapt.evaluation.generate import UaptLM
+    from uapt.models import load_model, load_tokenizer
+
+    node = suite_node(sizes)
+    cfg = compose([f"model={sizes['model']}", "logger=none"])
+    tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
+    model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], torch.device("cpu")).eval()
+    requests = capture_requests(model, tokenizer, node)[task]
+    out = {"task": task, "samples": len(requests), "paths": {}}
+    for path, generator in (("today", "hf"), ("fast", "fast")):
+        lm = UaptLM(pretrained=model, tokenizer=tokenizer, batch_size=node["batch_size"],
+                    generator=generator)  # fmt: skip
+        forwards = Forwards(model)
+        reqs = [Instance("generate_until", {}, args, i) for i, args in enumerate(requests)]
+        started = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            lm.generate_until(reqs, disable_tqdm=True)
+        wall = time.perf_counter() - started
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+        out["paths"][path] = {
+            "wall_s": wall,
+            "forward_s": dict(forwards.seconds),
+            "decode_steps": forwards.steps,
+            "mean_rows_per_step": forwards.rows / max(forwards.steps, 1),
+            "op_share": {e.key: e.self_cpu_time_total / total for e in top},
+        }
+        for handle in forwards.handles:
+            handle.remove()
+    return out
+
+
+def render_profile(found: dict[str, Any]) -> str:
+    lines = [f"profile: {found['task']}, {found['samples']} samples"]
+    for path, p in found["paths"].items():
+        f = p["forward_s"]
+        shares = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in p["op_share"].items())
+        lines.append(
+            f"{path}: {p['wall_s']:.1f} s; prefill {f['prefill']:.1f} s, decoding {f['decode']:.1f} "
+            f"s over {p['decode_steps']} steps ({p['mean_rows_per_step']:.1f} rows a step, "
+            f"{1000 * f['decode'] / max(p['decode_steps'], 1):.0f} ms a step), outside the model "
+            f"{p['wall_s'] - f['prefill'] - f['decode']:.1f} s; operators: {shares}"
+        )
+    return "\n".join(lines)
+
+
 def _responses(path: Path) -> dict[str, Any]:
     """A samples file's raw outputs by prompt."""
     import json
@@ -394,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model config (default smollm2_135m; quick tiny)")
     p.add_argument("--limit", type=int, default=None, help="samples per task (default: suite's)")
+    p.add_argument("--profile", default=None, metavar="TASK", help="profile one task instead")
     args = p.parse_args(argv)
     setup_env()
     set_threads(args.threads)
@@ -402,6 +484,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes["model"] = args.model
     if args.limit:
         sizes["limit"] = args.limit
+    if args.profile:
+        found = profile(sizes, args.profile)
+        print(render_profile(found))
+        write_json(args.json, {"benchmark": "eval_generation_profile", "profile": found})
+        return found
     rounds = args.rounds or sizes["rounds"]
     load_before = load_average()
     log(f"eval_generation: {sizes['model']}, eval=repro_real, {rounds} rounds")
