@@ -6,8 +6,9 @@ computed, and thrown away, up to token 256. Its key/value cache also grows by co
 every decoding step copies the whole cache once more. `UaptLM._model_generate` replaces that call
 for plain greedy decoding (the only kind uapt's suites use) by `greedy_generate`:
 
-- the prompt batch is prefilled exactly as `model.generate` prefills it (same left padding,
-  positions and mask), so every row sees the same arithmetic;
+- the prompts' real tokens run through the layers packed, without padding; attention runs in
+  the left-padded batch's layout with its mask and positions (`packed_sdpa`), so every token
+  gets the numbers `model.generate`'s prefill gives it;
 - a row leaves the batch once its output text is final: it emitted an end-of-sequence token, or
   its decoded text holds a stop sequence (lm-eval cuts the text there, so later tokens cannot
   change it). The batch is compacted when that saves more than the copy costs (`should_compact`);
@@ -18,9 +19,9 @@ A row's tokens depend only on its own inputs as long as every matrix product com
 as a product of the whole batch does: BLAS picks its kernel, and with it the order of the sums,
 by the number of rows, so a batch only shrinks to sizes `ExactSizes` found exact for the model's
 layers. On CPU the outputs are then bitwise those of `model.generate` (tests/test_generate.py
-checks it; on GPU a kernel choice may still flip a near-tie). `fast_path_blocker`
-says when the loop would not reproduce `model.generate` (sampling, logits processors, a stop
-sequence overlapping a special token, ...): then lm-eval's own path runs, and the reason is logged.
+checks it; on GPU a kernel choice may still flip a near tie). `fast_path_blocker` says when the
+loop would not reproduce `model.generate` (sampling, logits processors, a stop sequence
+overlapping a special token, ...): then lm-eval's own path runs, and the reason is logged.
 """
 
 from __future__ import annotations
