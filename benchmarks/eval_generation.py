@@ -60,6 +60,8 @@ from common import (
 
 TARGET = 2.0  # fast / today generated samples/s on SmolLM2, the real-data suite (issue 26)
 PATHS = ("fast", "today", "plain")
+LM_PATHS = ("fast", "today")  # the two that run through lm-eval
+CLOCKS = ("cpu", "wall")  # process CPU seconds (one thread) and wall seconds: see Clock
 # (model, samples per task, max generated tokens per task (None: the suite's), timed rounds)
 FULL = {"model": "smollm2_135m", "limit": None, "max_gen_toks": None, "rounds": 3}
 QUICK = {"model": "tiny", "limit": 3, "max_gen_toks": 8, "rounds": 1}
@@ -95,18 +97,34 @@ class Recorder:
         lm._model_generate = spy
 
 
+class Clock:
+    """Process CPU seconds and wall seconds of a block. With one thread, the CPU seconds are what
+    the wall clock of an idle machine would show; on a shared one the wall clock adds the time
+    spent waiting for a core, which varies from call to call (CLOCKS)."""
+
+    def __enter__(self) -> Clock:
+        self.started = (time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = {
+            "cpu": time.process_time() - self.started[0],
+            "wall": time.perf_counter() - self.started[1],
+        }
+
+
 class Timer:
     """Seconds an lm spends in generate_until (the generation, without lm-eval's task building
-    and scoring), per call."""
+    and scoring), per call: {"cpu": s, "wall": s}."""
 
     def __init__(self, lm: Any) -> None:
-        self.seconds: list[float] = []
+        self.seconds: list[dict[str, float]] = []
         inner = lm.generate_until
 
         def timed(requests, disable_tqdm=False):
-            started = time.perf_counter()
-            out = inner(requests, disable_tqdm=disable_tqdm)
-            self.seconds.append(time.perf_counter() - started)
+            with Clock() as clock:
+                out = inner(requests, disable_tqdm=disable_tqdm)
+            self.seconds.append(clock.seconds)
             return out
 
         lm.generate_until = timed
@@ -188,10 +206,10 @@ def matmul_throughput(model: Any, rows: int, repeats: int = 3) -> float:
     best = float("inf")
     with torch.no_grad():
         for _ in range(repeats):
-            started = time.perf_counter()
-            for m in linears:
-                m(x[m.in_features])
-            best = min(best, time.perf_counter() - started)
+            with Clock() as clock:
+                for m in linears:
+                    m(x[m.in_features])
+            best = min(best, clock.seconds["cpu"])
     return flops / best
 
 
@@ -230,14 +248,15 @@ class Bench:
                       generator="hf" if p == "today" else "fast")
             for p in PATHS
         }  # fmt: skip
-        self.recorders = {p: Recorder(self.lms[p]) for p in ("fast", "today")}
-        self.timers = {p: Timer(self.lms[p]) for p in ("fast", "today")}
+        self.recorders = {p: Recorder(self.lms[p]) for p in LM_PATHS}
+        self.timers = {p: Timer(self.lms[p]) for p in LM_PATHS}
         self.positions = Positions(self.model)
-        started = time.perf_counter()
-        ExactSizes(self.model, batch).exact(1)  # the loop's one-off probe of BLAS, per process
-        self.probe_s = time.perf_counter() - started
-        self.gen_s = {p: {t: [] for t in self.tasks} for p in PATHS}  # generation only
-        self.eval_s = {p: {t: [] for t in self.tasks} for p in ("fast", "today")}  # + lm-eval
+        with Clock() as clock:
+            ExactSizes(self.model, batch).exact(1)  # the loop's one-off BLAS probe, per process
+        self.probe_s = clock.seconds["cpu"]
+        # seconds by clock, path and task: the generation alone, and with lm-eval around it
+        self.gen_s = {c: {p: {t: [] for t in self.tasks} for p in PATHS} for c in CLOCKS}
+        self.eval_s = {c: {p: {t: [] for t in self.tasks} for p in LM_PATHS} for c in CLOCKS}
         self.ran: dict[str, dict[str, dict[str, int]]] = {p: {} for p in PATHS}
         self.scores: dict[str, dict[str, Any]] = {"fast": {}, "today": {}}
         self.plain_ids: dict[str, list] = {}
@@ -247,17 +266,21 @@ class Bench:
         from uapt.evaluation import evaluate_lm
 
         if path == "plain":
-            started = time.perf_counter()
-            self.plain_ids[task] = plain_loop(
-                self.model, self.lms[path], self.requests[task], self.node["batch_size"]
-            )
-            self.gen_s[path][task].append(time.perf_counter() - started)
+            with Clock() as clock:
+                self.plain_ids[task] = plain_loop(
+                    self.model, self.lms[path], self.requests[task], self.node["batch_size"]
+                )
+            generation = clock.seconds
         else:
             one = {**self.node, "tasks": [t for t in self.node["tasks"] if t["name"] == task]}
-            out = evaluate_lm(self.lms[path], one, out_dir=out_dir / path / task)
-            self.eval_s[path][task].append(out["eval_meta"]["seconds"][task])
-            self.gen_s[path][task].append(self.timers[path].seconds.pop())
+            with Clock() as clock:
+                out = evaluate_lm(self.lms[path], one, out_dir=out_dir / path / task)
+            generation = self.timers[path].seconds.pop()
+            for c in CLOCKS:
+                self.eval_s[c][path][task].append(clock.seconds[c])
             self.scores[path][task] = out["eval"][task]
+        for c in CLOCKS:
+            self.gen_s[c][path][task].append(generation[c])
         self.ran[path][task] = self.positions.take()
 
     def differences(self, task: str, out_dir: Path) -> list[dict[str, Any]]:
@@ -299,8 +322,10 @@ class Bench:
         n, prompt_tokens = len(prompts), sum(len(p) for p in prompts)
         body, head = linear_weights(self.model)
         flops = 2 * body * (prompt_tokens + kept) + 2 * head * (kept + n)
-        fast, today = (out_dir / p / task / "eval_outcomes.jsonl" for p in ("fast", "today"))
-        gen = self.gen_s
+        fast, today = (out_dir / p / task / "eval_outcomes.jsonl" for p in LM_PATHS)
+        gen = {c: {p: self.gen_s[c][p][task] for p in PATHS} for c in CLOCKS}
+        evaluation = {c: {p: self.eval_s[c][p][task] for p in LM_PATHS} for c in CLOCKS}
+        tokens = {"fast": kept, "today": kept, "plain": plain_kept}
         return {
             "task": task,
             "samples": n,
@@ -309,36 +334,53 @@ class Bench:
             "kept_tokens": kept,
             "plain_kept_tokens": plain_kept,
             "rows_at_max_gen_toks": at_max,
-            "generation_s": {p: gen[p][task] for p in PATHS},
-            "evaluation_s": {p: self.eval_s[p][task] for p in ("fast", "today")},
+            "generation_s": gen,
+            "evaluation_s": evaluation,
             "positions_run": {p: self.ran[p][task] for p in PATHS},
-            "samples_per_s": {p: Spread.of(n / s for s in gen[p][task]).as_dict() for p in PATHS},
-            "tokens_per_s": {
-                p: Spread.of(
-                    (plain_kept if p == "plain" else kept) / s for s in gen[p][task]
-                ).as_dict()
-                for p in PATHS
-            },
+            **rates(n, gen, evaluation, tokens, target=None),
             "bound": {
                 "flops": flops,
                 "seconds": flops / throughput,
                 "samples_per_s": n * throughput / flops,
             },
-            "ratio_fast_over_today": ratio_summary(
-                gen["today"][task], gen["fast"][task], None, True
-            ),
-            "ratio_fast_over_plain": ratio_summary(
-                gen["plain"][task], gen["fast"][task], None, True
-            ),
-            "ratio_evaluation_fast_over_today": ratio_summary(
-                self.eval_s["today"][task], self.eval_s["fast"][task], None, True
-            ),
             "outputs": {
                 "differing": self.differences(task, out_dir),
                 "outcomes_equal": fast.read_text() == today.read_text(),
                 "scores_equal": self.scores["fast"][task] == self.scores["today"][task],
             },
         }
+
+
+def rates(
+    n: int,
+    gen: dict[str, dict[str, list[float]]],
+    evaluation: dict[str, dict[str, list[float]]],
+    tokens: dict[str, int] | None,
+    target: float | None,
+) -> dict[str, Any]:
+    """Samples/s (and tokens/s) per path and the paired ratios, by CPU seconds; the wall-clock
+    ratios beside them."""
+    cpu = gen["cpu"]
+    out: dict[str, Any] = {
+        "samples_per_s": {p: Spread.of(n / s for s in cpu[p]).as_dict() for p in PATHS},
+        "ratio_fast_over_today": ratio_summary(cpu["today"], cpu["fast"], target, True),
+        "ratio_fast_over_plain": ratio_summary(cpu["plain"], cpu["fast"], None, True),
+        "ratio_today_over_plain": ratio_summary(cpu["plain"], cpu["today"], None, True),
+        "ratio_evaluation_fast_over_today": ratio_summary(
+            evaluation["cpu"]["today"], evaluation["cpu"]["fast"], None, True
+        ),
+        "wall": {
+            "ratio_fast_over_today": ratio_summary(
+                gen["wall"]["today"], gen["wall"]["fast"], None, True
+            ),
+            "ratio_fast_over_plain": ratio_summary(
+                gen["wall"]["plain"], gen["wall"]["fast"], None, True
+            ),
+        },
+    }
+    if tokens is not None:
+        out["tokens_per_s"] = {p: Spread.of(tokens[p] / s for s in cpu[p]).as_dict() for p in PATHS}
+    return out
 
 
 def measure(sizes: dict[str, Any], rounds: int) -> dict[str, Any]:
@@ -351,13 +393,18 @@ def measure(sizes: dict[str, Any], rounds: int) -> dict[str, Any]:
                     bench.run(path, task, Path(tmp))
         throughput = matmul_throughput(bench.model, bench.node["batch_size"])
         per_task = [bench.summary(t, Path(tmp), throughput) for t in bench.tasks]
-    gen = bench.gen_s
-    total = {p: [sum(gen[p][t][r] for t in bench.tasks) for r in range(rounds)] for p in PATHS}
-    evaluation = {
-        p: [sum(bench.eval_s[p][t][r] for t in bench.tasks) for r in range(rounds)]
-        for p in ("fast", "today")
-    }
+
+    def summed(table: dict[str, dict[str, dict[str, list[float]]]], paths) -> dict:
+        return {
+            c: {
+                p: [sum(table[c][p][t][r] for t in bench.tasks) for r in range(rounds)]
+                for p in paths
+            }
+            for c in CLOCKS
+        }
+
     n = sum(t["samples"] for t in per_task)
+    gen, evaluation = summed(bench.gen_s, PATHS), summed(bench.eval_s, LM_PATHS)
     differing = [d for t in per_task for d in t["outputs"]["differing"]]
     return {
         "model": sizes["model"],
@@ -370,16 +417,10 @@ def measure(sizes: dict[str, Any], rounds: int) -> dict[str, Any]:
         "tasks": per_task,
         "total": {
             "samples": n,
-            "generation_s": total,
+            "generation_s": gen,
             "evaluation_s": evaluation,
-            "samples_per_s": {p: Spread.of(n / s for s in total[p]).as_dict() for p in PATHS},
+            **rates(n, gen, evaluation, None, TARGET),
             "bound_samples_per_s": n / sum(t["bound"]["seconds"] for t in per_task),
-            "ratio_fast_over_today": ratio_summary(total["today"], total["fast"], TARGET, True),
-            "ratio_fast_over_plain": ratio_summary(total["plain"], total["fast"], None, True),
-            "ratio_today_over_plain": ratio_summary(total["plain"], total["today"], None, True),
-            "ratio_evaluation_fast_over_today": ratio_summary(
-                evaluation["today"], evaluation["fast"], None, True
-            ),
             "differing_samples": len(differing),
             "all_differences_near_ties": all(d["near_tie"] for d in differing),
         },
@@ -524,6 +565,7 @@ def render(payload: dict[str, Any]) -> str:
                 fmt_spread(t["ratio_fast_over_today"]),
                 fmt_spread(t["ratio_fast_over_plain"]),
                 fmt_spread(t["ratio_evaluation_fast_over_today"]),
+                fmt_spread(t["wall"]["ratio_fast_over_today"]),
                 len(differing),
             ]
         )
@@ -537,12 +579,14 @@ def render(payload: dict[str, Any]) -> str:
         "fast / today",
         "fast / plain",
         "fast / today, whole evaluation",
+        "fast / today, wall clock",
         "outputs differing",
     ]
     lines = [table(headers, rows), ""]
     lines.append(
         f"{r['model']}, batch {r['batch_size']}, {r['rounds']} rounds; samples/s of generation "
-        f"(lm-eval's generate_until; plain: model.generate); matrix products at decode shape: "
+        f"(lm-eval's generate_until; plain: model.generate) by process CPU seconds (one thread; "
+        f"the wall-clock ratio beside them); matrix products at decode shape: "
         f"{r['matmul_gflops']:.1f} GFLOP/s; the loop's BLAS probe (once per process): "
         f"{r['probe_s']:.1f} s"
     )

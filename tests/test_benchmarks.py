@@ -145,11 +145,17 @@ def test_eval_generation_quick(out_dir):
     assert set(tasks) == {"gsm8k", "ifeval"}
     for t in tasks.values():
         assert t["samples"] == 3 and t["max_gen_toks"] == 8
-        gen = t["generation_s"]
-        assert len(gen["fast"]) == len(gen["today"]) == len(gen["plain"]) == result["rounds"]
+        for clock in ("cpu", "wall"):
+            gen = t["generation_s"][clock]
+            assert len(gen["fast"]) == len(gen["today"]) == len(gen["plain"]) == result["rounds"]
+        cpu, wall = t["generation_s"]["cpu"], t["generation_s"]["wall"]
         assert t["ratio_fast_over_today"]["median"] == pytest.approx(
-            paired_median(gen["today"], gen["fast"])
+            paired_median(cpu["today"], cpu["fast"])
         )
+        assert t["wall"]["ratio_fast_over_today"]["median"] == pytest.approx(
+            paired_median(wall["today"], wall["fast"])
+        )
+        assert t["samples_per_s"]["fast"]["median"] == pytest.approx(3 / cpu["fast"][0])
         # greedy decoding of the same prompts: the same outputs, outcomes and scores
         assert t["outputs"] == {"differing": [], "outcomes_equal": True, "scores_equal": True}
         # the loop runs only the prompts' real tokens; lm-eval's model.generate their padding too
