@@ -142,6 +142,27 @@ def test_rows_ending_at_an_end_of_sequence_token_equal_model_generate(
         assert tail == [tiny_tokenizer.pad_token_id] * len(tail)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+def test_other_architectures_and_lora_adapters(arch, lora, tiny_tokenizer, cache_dir):
+    """uapt's random-init architectures, bare and with LoRA adapters (a PeftModel, as a LoRA run
+    evaluates it): the same outputs; Gemma-2 (sliding-window layers) goes to model.generate."""
+    from test_models import LORA, build, model_cfg
+
+    model = build(model_cfg(arch, **({"lora": LORA} if lora else {})), tiny_tokenizer, cache_dir)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # zero at init: give the adapters an effect
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    result, _ = run_both(model, tiny_tokenizer, FREQUENT, max_gen_toks=16)
+    if arch == "gemma2":
+        assert result["fast"][0] == result["hf"][0]
+        (reason,) = result["fast"][2]
+        assert "layer types" in reason
+    else:
+        assert_same_outputs(model, result, tiny_tokenizer.pad_token_id)
+
+
 def test_suite_scores_and_samples_equal_with_either_generator(tiny_model, tiny_tokenizer, tmp_path):
     """The embedded suite end to end (lm-eval's prompts, stop sequences, filters and metrics):
     the same per-sample outputs and outcomes and the same scores."""
