@@ -13,8 +13,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -287,13 +289,45 @@ def fmt_spread(s: Mapping[str, Any], digits: int = 3) -> str:
 
 
 def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
+    """The benchmark's figures, publishable: no path of this machine (`publishable`)."""
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(publishable(payload), indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- published paths
+def machine_paths(repo: Path = REPO, prefix: str = sys.prefix) -> list[tuple[str, str]]:
+    """(a folder of the machine that ran a benchmark, how published figures write it), the most
+    specific first: its environment's executables by name (`python`, `uapt-train`), paths in
+    the checkout relative to it, beside it as `../` (`../shared/data`), the home folder as `~`."""
+    out = [(f"{Path(prefix) / 'bin'}/", ""), (f"{repo}/", ""), (str(repo), ".")]
+    if repo.parent != Path(repo.anchor):
+        out.append((f"{repo.parent}/", "../"))
+    return [*out, (str(Path.home()), "~")]
+
+
+def publishable(value: Any, paths: Sequence[tuple[str, str]] | None = None) -> Any:
+    """`value` (JSON: strings, lists, mappings) with the paths of this machine (`machine_paths`)
+    rewritten and its temporary folders as `<tmp>`: figures name nothing a reader cannot follow."""
+    if isinstance(value, Mapping):
+        return {k: publishable(v, paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [publishable(v, paths) for v in value]
+    if not isinstance(value, str):
+        return value
+    text = _TEMP.sub("<tmp>", value)
+    for folder, written in machine_paths() if paths is None else paths:
+        end = "" if folder.endswith("/") else r"(?![\w.-])"
+        text = re.sub(_START + re.escape(folder) + end, written, text)
+    return text
+
+
+_START = r"(?<![\w.~/-])"  # a path starts here, not inside a longer name
+_TEMP = re.compile(_START + re.escape(tempfile.gettempdir()) + r"/[^/\s,;:'\"=]+")
 
 
 def log(message: str) -> None:

@@ -270,7 +270,7 @@ started at once while the machine is still warm.
 ```bash
 make gpu-wheels   # here: .whl/ (about 55 MB; git-ignored)
 # there, from the repository root, as one command:
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json --deadline-s 300 2>&1 | tee $OUT/gpu_check.log
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --json $OUT/gpu_check.json --deadline-s 300 2>&1 | tee $OUT/gpu_check.log
 # back here: this section and docs/results/gpu_check.json from the record
 python benchmarks/gpu_check.py --doc <fetched>/gpu_check.json
 ```

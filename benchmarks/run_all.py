@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_report
-from common import REPO, fmt_spread, subprocess_env, table
+from common import REPO, fmt_spread, publishable, subprocess_env, table
 
 HERE = Path(__file__).resolve().parent
 DOC = REPO / "docs" / "performance.md"
@@ -106,14 +106,14 @@ def run(bench: Benchmark, quick: bool, out_dir: Path) -> Outcome:
         print(proc.stderr[-3000:], file=sys.stderr, flush=True)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = _machine_lines((payload or {}).get("machine", {}))
-    return Outcome(
+    return Outcome(  # kept in the repository and shown on the page: no path of this machine
         bench,
-        cmd,
+        publishable(cmd),
         seconds,
         proc.returncode,
-        proc.stdout,
-        proc.stderr[-3000:],
-        payload,
+        publishable(proc.stdout),
+        publishable(proc.stderr[-3000:]),
+        publishable(payload),
         when,
         machine,
     )
@@ -465,38 +465,9 @@ def _section(o: Outcome) -> list[str]:
     if o.returncode != 0:
         lines += ["Error output (tail):", "", "```text", o.stderr_tail.strip(), "```", ""]
     if o.payload is not None:
-        raw = {k: v for k, v in o.payload.items() if k != "machine"}
-        lines += [
-            "<details><summary>raw figures (JSON)</summary>",
-            "",
-            "```json",
-            compact_json(raw),
-            "```",
-            "",
-            "</details>",
-            "",
-        ]
+        raw = f"results/benchmarks/{o.benchmark.name}.json"  # relative to docs/performance.md
+        lines += [f"Raw figures of its last full run: [docs/{raw}]({raw}).", ""]
     return lines
-
-
-def compact_json(value: Any, indent: int = 0) -> str:
-    """JSON with one key per line but lists of scalars on one line, floats to 4 digits."""
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        items = [
-            f"{pad}  {json.dumps(str(k))}: {compact_json(v, indent + 2)}" for k, v in value.items()
-        ]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
-        items = [f"{pad}  {compact_json(v, indent + 2)}" for v in value]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    if isinstance(value, list):
-        return "[" + ", ".join(compact_json(v) for v in value) + "]"
-    if isinstance(value, float):
-        return json.dumps(float(f"{value:.4g}"))
-    return json.dumps(value, default=str)
 
 
 def main(argv: list[str] | None = None) -> int:

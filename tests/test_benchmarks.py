@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,8 +261,9 @@ def test_run_all_renders_every_summary(overhead, throughput, tmp_path):
     assert "live teacher (tiny)" in doc and "uapt / transformers.Trainer tokens/s" in doc
     assert "**failed**" in doc and "boom" in doc  # a failed benchmark is reported, not hidden
     assert "not measured yet" in doc
-    raw = doc.split("```json\n", 1)[1].split("\n```", 1)[0]
-    assert json.loads(raw)["benchmark"] == "objective_overhead"  # the raw figures are JSON
+    # the raw figures are linked, not pasted
+    link = "[docs/results/benchmarks/objective_overhead.json](results/benchmarks/objective_overhead.json)"
+    assert link in doc and "```json" not in doc
 
 
 def test_run_all_keeps_the_stored_runs(tmp_path, monkeypatch):
@@ -301,6 +303,27 @@ def test_ratio_summary_pairs_rounds_and_applies_target():
         common.paired_ratios([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
-def test_compact_json_round_trips():
-    value = {"a": [1, 2.123456, None], "b": {"c": [{"d": True}], "e": {}}, "f": "x"}
-    assert json.loads(run_all.compact_json(value)) == {**value, "a": [1, 2.123, None]}
+def test_published_figures_name_no_path_of_the_machine(tmp_path):
+    """A checkout at /work/main with its environment in .venv, home /home/me: what a benchmark
+    prints or stores is written relative to the checkout, temporary folders as <tmp>."""
+    paths = common.machine_paths(Path("/work/main"), "/work/main/.venv")
+    paths[-1] = ("/home/me", "~")  # this machine's home folder, made explicit
+    tmp = tempfile.gettempdir()
+    value = {
+        "command": ["/work/main/.venv/bin/python", "/work/main/benchmarks/x.py", "--json",
+                    "/work/main/runs/benchmarks/x.json"],
+        "cli": f"python -m lm_eval --model_args pretrained={tmp}/uapt-bench-ab12_x/model,dtype=f",
+        "data": "dataset.source=/work/shared/data/gsm8k/train.jsonl",
+        "home": "/home/me/.cache/uapt and /home/mere/x",
+        "other": ["/work/mainly", "https://example.org/work/main/x", 3, None],
+    }  # fmt: skip
+    assert common.publishable(value, paths) == {
+        "command": ["python", "benchmarks/x.py", "--json", "runs/benchmarks/x.json"],
+        "cli": "python -m lm_eval --model_args pretrained=<tmp>/model,dtype=f",
+        "data": "dataset.source=../shared/data/gsm8k/train.jsonl",
+        "home": "~/.cache/uapt and /home/mere/x",
+        "other": ["../mainly", "https://example.org/work/main/x", 3, None],
+    }
+    out = tmp_path / "x.json"
+    common.write_json(out, {"json": str(common.REPO / "runs" / "x.json")})
+    assert json.loads(out.read_text()) == {"json": "runs/x.json"}

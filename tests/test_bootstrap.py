@@ -193,8 +193,9 @@ def test_identical_runs_give_a_zero_width_interval_at_zero(monkeypatch, kind_cos
     for seeds in ([[numbers(a, a)]], [[numbers(a, a), lists]] * 3):
         ci = paired_samples(seeds, 100.0, Settings(), rng_for(0, "same"))
         assert (ci.lo, ci.hi, ci.estimate, ci.significant) == (0.0, 0.0, 0.0, False)
+        assert ci.p_value == 1.0  # every draw at 0 counts on both sides
     ci = paired_seeds([0.0, 0.0, 0.0], Settings(), rng_for(0, "same"))
-    assert ci is not None and (ci.lo, ci.hi, ci.significant) == (0.0, 0.0, False)
+    assert ci is not None and (ci.lo, ci.hi, ci.significant, ci.p_value) == (0.0, 0.0, False, 1.0)
 
 
 @pytest.mark.parametrize("kind_cost", [ALWAYS_KINDS, ALWAYS_INDICES])
@@ -212,11 +213,80 @@ def test_swapping_the_columns_negates_the_interval_exactly(monkeypatch, kind_cos
     back = paired_samples([[swapped(t) for t in ts] for ts in seeds], 100.0, settings,
                           rng_for(5, "pair"))  # fmt: skip
     assert (back.lo, back.hi, back.estimate) == (-ci.hi, -ci.lo, -ci.estimate)
-    assert ci.lo < ci.hi
+    assert back.p_value == ci.p_value and ci.lo < ci.hi
     diffs = [0.3, -1.7, 2.2, 0.9]
     ci = paired_seeds(diffs, settings, rng_for(5, "s"))
     back = paired_seeds([-x for x in diffs], settings, rng_for(5, "s"))
     assert (back.lo, back.hi, back.estimate) == (-ci.hi, -ci.lo, -ci.estimate)
+
+
+# --------------------------------------------------------------------------- p-values
+
+
+@pytest.mark.parametrize(
+    ("replicates", "p"),
+    [
+        ([1.0, 2.0, 3.0, 4.0], 2 * 1 / 5),  # none at or below 0: the floor 2 / (B + 1)
+        ([-1.0, 2.0, 3.0, 4.0, 5.0], 2 * 2 / 6),
+        ([-3.0, -1.0, 0.0, 2.0], 1.0),  # 2 min(1 + 3, 1 + 2) / 5 = 1.2, capped
+        ([0.0, 0.0, 0.0], 1.0),
+        ([-1.0] * 9, 2 / 10),
+    ],
+)
+def test_p_value_counts_the_draws_beyond_zero_with_one_more(replicates, p):
+    assert bootstrap.p_value(np.array(replicates)) == pytest.approx(p, abs=1e-15)
+
+
+def test_p_value_of_a_constructed_effect_matches_the_normal_approximation():
+    """n = 12,000 paired samples whose differences are +1 on 570, -1 on 510, 0 elsewhere: the
+    bootstrap law of their mean is about N(m, s^2), m = 60/n, s = sd(d)/sqrt(n), so the two-sided
+    p-value of 0 is 2 Phi(-m/s) (about 0.068). Tolerance: 4 binomial standard errors of the
+    share of draws at or below 0 (doubled), the +1 (2 / (B + 1)), the Cornish-Fisher shift of the
+    law's skewness skew(d)/sqrt(n) at z = m/s, and twice its lattice's half-step correction
+    (steps of 1/n, a density phi(z)/s there)."""
+    size, draws = 12_000, 20_000
+    d = np.zeros(size)
+    d[:570], d[570:1080] = 1.0, -1.0
+    b = np.where(np.arange(size) % 3 == 0, 1.0, 0.0) * (d == 0)  # shared outcomes off the diff
+    b[570:1080] = 1.0
+    a = b + d
+    assert set(np.unique(a)) <= {0.0, 1.0} and set(np.unique(b)) <= {0.0, 1.0}
+    m, s = d.mean(), d.std(ddof=0) / math.sqrt(size)
+    z = m / s
+    expected = 2 * NORMAL.cdf(-z)
+    ci = paired_samples([[numbers(a, b)]], 1.0, Settings(0.95, draws, 0), rng_for(0, "p"))
+    q = expected / 2
+    skew = float(np.mean((d - m) ** 3) / d.std() ** 3) / math.sqrt(size)
+    tol = (
+        2 * 4 * math.sqrt(q * (1 - q) / draws)
+        + 2 / (draws + 1)
+        + 2 * NORMAL.pdf(z) * abs(skew) * abs(z * z - 1) / 6
+        + 2 * NORMAL.pdf(z) / (size * s)
+    )
+    assert 0.05 < expected < 0.09 and tol < expected / 3  # a p-value this check can tell
+    assert ci.p_value == pytest.approx(expected, abs=tol)
+    # teeth: one-sided, or from unpaired resampling, would be off by more than the tolerance
+    unpaired = 2 * NORMAL.cdf(-m / (math.sqrt(a.var() + b.var()) / math.sqrt(size)))
+    assert abs(expected / 2 - expected) > tol and abs(unpaired - expected) > tol
+
+
+@pytest.mark.parametrize("level", [0.8, 0.9, 0.95, 0.99])
+def test_a_p_value_at_or_below_alpha_means_the_interval_excludes_zero(level):
+    """The promise the table's marks rest on (uapt.bootstrap.p_value): on draws of every shape
+    (lattices with ties at 0, few and many draws) p <= 1 - level implies the interval at
+    `level` excludes 0."""
+    rng = np.random.default_rng(11)
+    alpha, seen = 1 - level, 0
+    for _ in range(3000):
+        size = int(rng.integers(1, 400))
+        shift = rng.normal(0, 2)
+        reps = np.round(rng.normal(shift, 1, size) * rng.choice([1, 2, 10])) / 2
+        p = bootstrap.p_value(reps)
+        lo, hi = percentile_interval(reps, level)
+        if p <= alpha:
+            seen += 1
+            assert lo > 0 or hi < 0, (p, lo, hi, size)
+    assert seen > 100  # the implication was exercised
 
 
 # --------------------------------------------------------------------------- seeds only
@@ -324,3 +394,32 @@ def test_ten_thousand_draws_are_vectorised(size, continuous):
     start = time.perf_counter()
     paired_samples(seeds, 100.0, Settings(), rng_for(0, "speed"))
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    ("diffs", "expected"),
+    [
+        ([0.3, 0.5], 0.5),  # two seeds that agree: 2 of the 4 sign patterns are as extreme
+        ([0.3, 0.5, 0.1], 0.25),  # three: 2 of 8
+        # by hand: |±1 ±2 ±3 ±1| >= 5 for +1+2+3+1, +1+2+3-1, -1+2+3+1 and their negatives
+        ([1.0, 2.0, 3.0, -1.0], 6 / 16),
+        ([1.0, -1.0], 1.0),
+    ],
+)
+def test_seeds_only_p_value_is_the_exact_sign_flip_test(diffs, expected):
+    ci = paired_seeds(diffs, Settings(0.95, 1000, 0), rng_for(0, "flip"))
+    assert ci.p_value == pytest.approx(expected, rel=1e-12)
+
+
+def test_sign_flip_p_value_past_the_exact_limit_is_drawn_and_close_to_exact():
+    """17 seeds: 2,000 drawn patterns (the data counted as one more) against the exact share,
+    within 4 binomial standard errors."""
+    from uapt.bootstrap import sign_flip_p_value
+
+    diffs = [0.2, -0.1, 0.4, 0.3, -0.2, 0.5, 0.1, 0.05, -0.3, 0.2, 0.3, 0.1, -0.05, 0.4, 0.2,
+             0.1, -0.1]  # fmt: skip
+    k = len(diffs)
+    signs = 1 - 2 * ((np.arange(2**k)[:, None] >> np.arange(k)) & 1)
+    exact = float(np.mean(np.abs((signs * np.array(diffs)).mean(1)) >= abs(np.mean(diffs)) - 1e-12))
+    drawn = sign_flip_p_value(diffs, rng_for(0, "many"), 2000)
+    assert drawn == pytest.approx(exact, abs=4 * (exact * (1 - exact) / 2000) ** 0.5 + 1 / 2001)

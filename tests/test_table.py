@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -196,8 +197,16 @@ def test_csv_is_tidy_with_full_precision(golden_table):
         "n"] == "0"  # fmt: skip
 
 
+def with_a_mark(table):
+    """The golden table with one delta marked: its seeds-only deltas cannot earn a mark (the
+    sign-flip test over 2-3 seeds), so the renderers' marker is checked on a copy."""
+    marked = copy.deepcopy(table)
+    marked.cells[(("gemma2_2b", "alpaca"), "IFEval", "masked_mle_distill")].marked = True
+    return marked
+
+
 def test_latex_is_booktabs_and_escaped(golden_table):
-    tex = to_latex(golden_table)
+    tex = to_latex(with_a_mark(golden_table))
     assert tex.startswith("\\begin{table}") and tex.rstrip().endswith("\\end{table}")
     for rule in ("\\toprule", "\\midrule", "\\bottomrule", "\\begin{tabular}{lllrrrrrl}"):
         assert rule in tex
@@ -208,7 +217,7 @@ def test_latex_is_booktabs_and_escaped(golden_table):
 
 
 def test_rich_rendering_keeps_cells_whole(golden_table):
-    text = to_text(golden_table)
+    text = to_text(with_a_mark(golden_table))
     assert "Golden fixture table" in text
     assert "50.0 ± 1.0 (+8.0* [+6.0, +9.0]) [n=3]" in text
     assert "• [lo, hi]: 95 % percentile interval of Δ from a paired bootstrap (10000 draws" in text
@@ -717,7 +726,8 @@ def test_an_unknown_metric_is_an_error_naming_the_key(tmp_path, capsys):
     ("option", "value"),
     [("--ci", "1.5"), ("--ci", "0"), ("--ci", "1"), ("--ci", "nan"), ("--ci", "high"),
      ("--bootstrap", "0"), ("--bootstrap", "-5"), ("--bootstrap", "2.5"),
-     ("--bootstrap", "1000001"), ("--seed", "-1"), ("--seed", "x")],
+     ("--bootstrap", "1000001"), ("--seed", "-1"), ("--seed", "x"), ("--adjust", "bonferroni"),
+     ("--adjust", "HOLM")],
 )  # fmt: skip
 def test_bad_interval_options_are_one_error_naming_the_option(option, value, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -13,7 +13,8 @@ a percentile interval of "cell minus baseline":
   kept): the paired per-seed differences are resampled; no interval under two seeds.
 
 The interval is the percentile interval of the draws (`percentile_interval`), with ends chosen
-so that swapping the two cells negates it exactly.
+so that swapping the two cells negates it exactly. The same draws give the two-sided p-value of
+"no difference" (`p_value`), which multiple-comparison adjustments (uapt.table) start from.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Interval:
     estimate: float  # the difference on the paired data itself (paired seeds, shared samples)
     method: str  # SAMPLES_AND_SEEDS, SAMPLES or SEEDS
     seeds: int  # paired seeds
+    p_value: float  # two-sided, from the same draws (p_value)
 
     @property
     def significant(self) -> bool:
@@ -243,6 +245,23 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, fl
     return float(lo) + 0.0, float(hi) + 0.0  # + 0.0: no "-0" for an interval at zero
 
 
+SIGN_FLIP_EXACT = 16  # seeds up to which the sign-flip test enumerates all 2^k patterns
+
+
+def p_value(replicates: np.ndarray) -> float:
+    """The two-sided bootstrap p-value of "no difference" from the draws r_1..r_B that make the
+    interval: p = min(1, 2 min(1 + #{r <= 0}, 1 + #{r >= 0}) / (B + 1)).
+
+    The +1 (the observed data counted as one more draw) keeps p >= 2 / (B + 1): a finite number
+    of draws cannot show a smaller one, and an adjustment must not treat 0 as exact. Draws at 0
+    count on both sides (conservative for metrics on a lattice). p <= alpha implies that the
+    1 - alpha percentile interval excludes 0: then at most floor(alpha (B - 1) / 2) draws lie on
+    0's side, so both order statistics interpolated at that end lie beyond 0."""
+    r = np.asarray(replicates, dtype=float)
+    below, above = int(np.count_nonzero(r <= 0)), int(np.count_nonzero(r >= 0))
+    return min(1.0, 2 * min(1 + below, 1 + above) / (r.size + 1))
+
+
 # --------------------------------------------------------------------------- intervals
 
 
@@ -257,14 +276,36 @@ def paired_samples(
     lo, hi = percentile_interval(reps, settings.level)
     observed = scale * float(np.mean([_observed_diff(tasks) for tasks in seeds]))
     method = SAMPLES_AND_SEEDS if len(seeds) > 1 else SAMPLES
-    return Interval(lo, hi, observed, method, len(seeds))
+    return Interval(lo, hi, observed, method, len(seeds), p_value(reps))
+
+
+def sign_flip_p_value(diffs: Sequence[float], rng: np.random.Generator, draws: int) -> float:
+    """The two-sided p-value of "no difference" from k paired per-seed differences alone: the
+    share of the 2^k sign patterns whose mean is at least as far from 0 as the observed one (an
+    exact permutation test; drawn `draws` times, counting the data, when k > SIGN_FLIP_EXACT).
+
+    Why not the bootstrap's tail here: over two or three seeds that agree in sign no bootstrap
+    draw reaches 0, so its p-value would sit at its floor 2 / (B + 1) and survive any adjustment.
+    The sign-flip test says what k seeds can say: at best 2 / 2^k (0.5 for two seeds)."""
+    d = np.asarray(diffs, dtype=float)
+    k, observed = d.size, abs(float(d.mean()))
+    if k <= SIGN_FLIP_EXACT:
+        signs = 1 - 2 * ((np.arange(2**k)[:, None] >> np.arange(k)) & 1)
+        means = np.abs((signs * d).mean(axis=1))
+        return float(np.mean(means >= observed * (1 - 1e-12)))  # ties within rounding count
+    signs = rng.choice([-1.0, 1.0], size=(draws, k))
+    hits = int(np.count_nonzero(np.abs((signs * d).mean(axis=1)) >= observed * (1 - 1e-12)))
+    return (1 + hits) / (draws + 1)
 
 
 def paired_seeds(
     diffs: Sequence[float], settings: Settings, rng: np.random.Generator
 ) -> Interval | None:
-    """The interval from per-seed differences alone; None under two seeds (nothing to vary)."""
+    """The interval from per-seed differences alone (its p-value: the sign-flip test); None
+    under two seeds (nothing to vary)."""
     if len(diffs) < 2:
         return None
-    lo, hi = percentile_interval(seed_replicates(diffs, settings.draws, rng), settings.level)
-    return Interval(lo, hi, float(np.mean(diffs)), SEEDS, len(diffs))
+    reps = seed_replicates(diffs, settings.draws, rng)
+    lo, hi = percentile_interval(reps, settings.level)
+    p = sign_flip_p_value(diffs, rng, settings.draws)
+    return Interval(lo, hi, float(np.mean(diffs)), SEEDS, len(diffs), p)

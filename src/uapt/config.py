@@ -62,6 +62,7 @@ class RunConfig(Section):
     cache_dir: str = option(TEXT)
     experiment: str | None = option(optional(TEXT))
     force: bool = option(BOOL)
+    require_clean: bool = option(BOOL)  # refuse a dirty checkout (uapt.provenance)
     sweep: Any = option(ANY, default=None)  # the grid's own keys (sweeps/): read by Hydra
     inputs: Mapping[str, str] | None = option(optional(MAPPING), default=None)  # uapt.inputs
     tuned: Any = option(ANY, default=None)  # a tuning sweep's best settings: evidence only

@@ -10,7 +10,6 @@ import hashlib
 import json
 import platform
 import socket
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from uapt import files
+from uapt import files, provenance
+from uapt.paths import publishable
 
 # Keys that change how a run is executed or observed, not what it computes: every token mean
 # is taken over the optimizer step's global batch, however it is split into micro-batches and
@@ -184,27 +184,32 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout uapt runs from, with '-dirty' when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("-dirty" if dirty else "")
+    """HEAD of the checkout uapt runs from, with '-dirty' when its tree differs from it."""
+    return provenance.tree_state().git_commit()
+
+
+def publishable_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as the record keeps it: where this machine keeps runs, caches and logs
+    (`runs_dir`, `cache_dir`, `logger.dir`; none of them semantic) with its home folder as `~`.
+    Semantic values stay exactly as given: the record's config must give the run's id."""
+    out = dict(cfg)
+    for key in ("runs_dir", "cache_dir"):
+        if isinstance(out.get(key), str):
+            out[key] = publishable(out[key])
+    logger = out.get("logger")
+    if isinstance(logger, Mapping) and isinstance(logger.get("dir"), str):
+        out["logger"] = {**logger, "dir": publishable(logger["dir"])}
+    return out
+
+
+def save_diff(folder: Path, snapshot: provenance.Snapshot) -> None:
+    """The uncommitted changes beside the record (code.diff), or no such file for a clean tree
+    (a resumed attempt may run from other code than the first)."""
+    path = folder / provenance.DIFF_FILE
+    if snapshot.diff:
+        files.write_bytes(path, snapshot.diff)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _earlier_attempt(folder: Path) -> dict[str, Any]:
@@ -227,15 +232,25 @@ class RunRecord:
         self.folder, self.data = folder, data
 
     @classmethod
-    def start(cls, folder: Path, cfg: Mapping[str, Any], world_size: int = 1) -> RunRecord:
+    def start(
+        cls,
+        folder: Path,
+        cfg: Mapping[str, Any],
+        world_size: int = 1,
+        snapshot: provenance.Snapshot | None = None,
+    ) -> RunRecord:
+        """The record of a new attempt; `snapshot`: the code it runs (uapt.provenance), taken
+        now when not given."""
         previous = _earlier_attempt(folder)
+        snapshot = provenance.snapshot() if snapshot is None else snapshot
+        save_diff(folder, snapshot)
         data = {
             "id": run_id(cfg),
             "slug": run_slug(cfg),
             "status": "running",
             "error": None,
             "summary": run_summary(cfg),
-            "config": dict(cfg),
+            "config": publishable_config(cfg),
             "metrics": {},
             "data": {},
             "eval": {},
@@ -244,7 +259,8 @@ class RunRecord:
             "attempts": int(previous.get("attempts", 0)) + 1,
             "timings": {},
             "versions": versions(),
-            "git_commit": git_commit(),
+            "git_commit": snapshot.state.git_commit(),
+            "provenance": snapshot.record(),
             "hostname": socket.gethostname(),
             "world_size": world_size,
         }

@@ -6,9 +6,9 @@
   files that killed writers left behind are removed. Under torchrun rank 0 claims and the other
   ranks follow its decision.
 - **Force.** `force=true` on a completed run moves its results (record, metrics, model, eval
-  files, log) into `<run>/previous/` before the new attempt starts. They are deleted when the
-  attempt completes and put back when it fails, so a completed result is replaced only by a
-  completed one.
+  files, log, code.diff) into `<run>/previous/` before the new attempt starts. They are deleted
+  when the attempt completes and put back when it fails, so a completed result is replaced only by
+  a completed one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from uapt import distributed, files, records
+from uapt import distributed, files, provenance, records
 from uapt.run_lock import LOCK_NAME, RunHeld, RunLock, inherited
 
 log = logging.getLogger("uapt")
@@ -32,8 +32,9 @@ RECORD = "run.json"
 PREVIOUS = "previous"
 FAILED_RECORD = "run.failed.json"  # the record of a forced attempt that failed
 FAILED_LOG = "train.failed.log"  # and its log
+FAILED_DIFF = "code.failed.diff"  # and its uncommitted changes (uapt.provenance)
 COMPLETED = "already completed"  # why a claim was skipped: the run is done
-KEEP = {LOCK_NAME, PREVIOUS, FAILED_RECORD, FAILED_LOG}
+KEEP = {LOCK_NAME, PREVIOUS, FAILED_RECORD, FAILED_LOG, FAILED_DIFF}
 
 
 def heal_record(folder: Path) -> dict[str, Any] | None:
@@ -119,7 +120,11 @@ def settle(folder: Path, succeeded: bool) -> None:
     if succeeded:
         shutil.rmtree(previous, ignore_errors=True)
         return
-    for name, kept_as in ((RECORD, FAILED_RECORD), ("train.log", FAILED_LOG)):
+    for name, kept_as in (
+        (RECORD, FAILED_RECORD),
+        ("train.log", FAILED_LOG),
+        (provenance.DIFF_FILE, FAILED_DIFF),
+    ):
         if (folder / name).exists():
             (folder / name).replace(folder / kept_as)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the failed attempt's

@@ -16,6 +16,7 @@ works for in-process, local-parallel and SLURM launchers alike; the summary is r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from uapt import files
+from uapt import files, provenance
+from uapt.console import setup_logging
+from uapt.errors import show_traceback
 from uapt.paths import SWEEPS_DIR
 
 log = logging.getLogger("uapt")
@@ -134,19 +137,40 @@ def summarize(outcomes: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """Clears stale outcomes when a multirun starts and prints the one-line summary at its end."""
+    """Checks the checkout and clears stale outcomes when a multirun starts, and prints the
+    one-line summary at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_checkout(config)
+        # every job's record keeps the sweep's command line (jobs in this process, or started
+        # by it: local processes, SLURM); forgotten at the end, for a process that goes on
+        self.handed_down = provenance.hand_down_argv()
         folder = outcomes_dir(config.hydra.sweep.dir)
         for stale in folder.glob("*.json"):
             stale.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if getattr(self, "handed_down", False):
+            os.environ.pop(provenance.ARGV_ENV, None)
         folder = outcomes_dir(config.hydra.sweep.dir)
         outcomes = [_read_outcome(p) for p in sorted(folder.glob("*.json"))]
         print(summarize(outcomes), flush=True)
         if any(o["status"] == "failed" for o in outcomes):
             raise SystemExit(1)  # scripts and CI see that the sweep is not whole
+
+
+def check_checkout(config: DictConfig) -> None:
+    """A sweep from a dirty tree: refused under require_clean (exit 2, before any job or folder),
+    else one warning line for the whole study (its experiment)."""
+    setup_logging()  # the launching process: its jobs set it up for themselves
+    study = bool(config.get("experiment"))
+    try:
+        provenance.check_launch(provenance.tree_state(), bool(config.get("require_clean")), study)
+    except provenance.DirtyTree as e:
+        if show_traceback():
+            raise
+        log.error("error: %s", e)
+        raise SystemExit(2) from None
 
 
 def _read_outcome(path: Path) -> dict[str, Any]:

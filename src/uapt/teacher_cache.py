@@ -30,6 +30,7 @@ from uapt import files
 from uapt.data import collate
 from uapt.models import hidden_states
 from uapt.objectives import ObjectiveSpec, TeacherTopK, output_head, teacher_topk, valid_mask
+from uapt.paths import CACHE_MARK
 
 log = logging.getLogger(__name__)
 FORMAT = "v1"  # bump when what a row file holds changes
@@ -64,7 +65,8 @@ class TeacherCache:
 
     def __init__(self, cache_dir: str | Path, fingerprint: str, k: int, temperature: float):
         self.k, self.temperature = k, temperature
-        self.folder = Path(cache_dir) / "teacher" / fingerprint / f"k{k}-t{temperature:g}"
+        self.place = Path("teacher", fingerprint, f"k{k}-t{temperature:g}")  # in the cache
+        self.folder = Path(cache_dir) / self.place
         self.computed = self.reused = 0
 
     def path(self, key: str) -> Path:
@@ -195,7 +197,7 @@ def describe(teacher: Any) -> dict[str, Any] | None:
     if not isinstance(teacher, TeacherCache):
         return None
     return {
-        "folder": str(teacher.folder),
+        "folder": f"{CACHE_MARK}/{teacher.place.as_posix()}",  # no machine path in a record
         "k": teacher.k,
         "rows_computed": teacher.computed,
         "rows_reused": teacher.reused,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from uapt import (
     files,
     fsdp,
     inputs,
+    provenance,
     records,
     run_folder,
     run_lock,
@@ -42,6 +45,7 @@ from uapt.config import RunConfig, validate
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
+from uapt.evaluation import outcomes
 from uapt.loop import (
     Interrupted,
     Trainer,
@@ -58,7 +62,7 @@ from uapt.models import (
     make_teacher,
 )
 from uapt.packing import check_packing, use_rows_attention
-from uapt.paths import CONF_DIR
+from uapt.paths import CONF_DIR, publishable
 from uapt.schema import ConfigError
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
@@ -185,24 +189,27 @@ def compile_wanted(setting: str | bool, device: torch.device) -> bool:
     return COMPILE_PAYS.get(device.type, False) if setting == "auto" else bool(setting)
 
 
-def model_source(model: torch.nn.Module) -> dict[str, Any]:
-    """Where the weights came from: a hub id or folder, plus the embedded copy's provenance."""
+def model_source(model: torch.nn.Module, cache_dir: str) -> dict[str, Any]:
+    """Where the weights came from: a hub id or folder (`<cache>/...` inside uapt's cache), plus
+    the embedded copy's provenance."""
     path = str(getattr(model, "name_or_path", "") or "") or None
     marker = Path(path) / "uapt_source.json" if path else None
-    provenance = json.loads(marker.read_text()) if marker and marker.is_file() else None
-    return {"path": path, "embedded": provenance}
+    embedded = json.loads(marker.read_text()) if marker and marker.is_file() else None
+    return {"path": path and publishable(path, cache_dir), "embedded": embedded}
 
 
 def base_model_scores(cfg: RunConfig, parts: Components, device: torch.device) -> dict:
-    """The initial model's suite scores, from the cache or evaluated now (before any step)."""
+    """The initial model's suite scores and per-sample outcomes, from the cache or evaluated now
+    (before any step)."""
     suite = cfg.plain["eval"]  # as written: the base-score cache is keyed by it
+
+    def evaluate() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = evaluate_phase("the initial model", parts, suite, device, out_dir=Path(tmp))
+            return {**result, "outcomes": outcomes.read_lines(Path(tmp)) or []}
+
     return evaluation.base_scores(
-        cfg.model,
-        suite,
-        cfg.cache_dir,
-        init_seed=cfg.seed,
-        inputs=cfg.inputs,
-        evaluate_fn=lambda: evaluate_phase("the initial model", parts, suite, device),
+        cfg.model, suite, cfg.cache_dir, init_seed=cfg.seed, inputs=cfg.inputs, evaluate_fn=evaluate
     )
 
 
@@ -243,7 +250,7 @@ def train(
     metrics = resume(loop, parts.model, checkpoints, folder / "metrics.jsonl", world)
     if record:
         record.update(
-            model_source=model_source(parts.model),
+            model_source=model_source(parts.model, cfg.cache_dir),
             data=parts.data_stats,
             resumed_from_step=loop.step or None,
             teacher_cache=teacher_cache.describe(parts.teacher),
@@ -291,6 +298,8 @@ def evaluate_run(
         return
     result["eval_base"] = base.get("eval", {})
     result["eval_delta"] = evaluation.score_delta(result["eval"], result["eval_base"])
+    if base.get("outcomes"):  # the base model's, beside the run's own: paired by sample
+        outcomes.write(folder, base["outcomes"], outcomes.BASE_FILE)
     timings = {**record.data["timings"], "eval_s": round(time.perf_counter() - started, 2)}
     record.update(**result, timings=timings)
     tracker.log_eval(result)
@@ -305,8 +314,10 @@ def save_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
 
 def execute(plain: Mapping[str, Any]) -> dict[str, Any]:
     """Run one config to completion (or skip it); returns a short outcome for sweep summaries."""
-    validate(plain)  # every key checked before anything is read, loaded or created
+    checked = validate(plain)  # every key checked before anything is read, loaded or created
     tune.check_tuned(plain)
+    state = provenance.tree_state()  # a dirty tree under require_clean: refused before any write
+    provenance.check_launch(state, checked.require_clean, study=announces_study(checked))
     cfg = RunConfig.parse(inputs.with_fingerprints(dict(plain)))  # local inputs: content is the id
     folder = records.run_dir(cfg.plain)
     ids = {"id": records.run_id(cfg.plain), "slug": records.run_slug(cfg.plain)}
@@ -317,7 +328,14 @@ def execute(plain: Mapping[str, Any]) -> dict[str, Any]:
     with run_folder.claim(folder, cfg.force, world) as claim:
         if claim.skipped:
             return skipped(outcome, claim.skipped, folder)
-        return train_claimed(cfg, folder, outcome, world, claim.lock)
+        return train_claimed(cfg, folder, outcome, world, claim.lock, state)
+
+
+def announces_study(cfg: RunConfig) -> bool:
+    """Whether this process warns about a study launched from a dirty tree: a single run with
+    `experiment` set. A sweep warns once when it starts (uapt.sweeps), and the ranks uapt
+    relaunched under torchrun leave it to the process that launched them."""
+    return bool(cfg.experiment) and not in_multirun() and not run_lock.inherited()
 
 
 def skipped(outcome: dict[str, Any], reason: str, folder: Path) -> dict[str, Any]:
@@ -335,6 +353,9 @@ def relaunch(cfg: RunConfig, folder: Path, outcome: dict[str, Any]) -> dict[str,
         nproc = cfg.trainer.nproc
         log.info("launching %d processes with torchrun", nproc)
         env = {run_lock.INHERITED_ENV: str(claim.lock.path)} if claim.lock else {}
+        env[provenance.ARGV_ENV] = os.environ.get(provenance.ARGV_ENV) or json.dumps(
+            provenance.typed_argv()
+        )
         # the ranks must not move previous results again: this process did
         argv = [*hydra_overrides(), "hydra.mode=RUN", *(["force=false"] if cfg.force else [])]
         code = distributed.relaunch_with_torchrun(nproc, argv, env)
@@ -352,11 +373,14 @@ def train_claimed(
     outcome: dict[str, Any],
     world: distributed.World,
     lock: run_lock.RunLock | None,
+    state: provenance.TreeState | None = None,
 ) -> dict[str, Any]:
-    """Train a run this process group holds; rank 0 keeps the record, the log and W&B."""
+    """Train a run this process group holds; rank 0 keeps the record (with the provenance of the
+    code in `state`), the log and W&B."""
     record = tracker = handler = None
     if world.is_main:
-        record = records.RunRecord.start(folder, cfg.plain, world.world_size)
+        code = provenance.snapshot(state=state)
+        record = records.RunRecord.start(folder, cfg.plain, world.world_size, code)
         handler = attach_file_log(folder / "train.log")
         tracker = Tracker(folder, cfg.plain, outcome["id"], outcome["slug"])
     failed = True

@@ -328,7 +328,8 @@ class StudiesSweeper(OptunaSweeper):
         )
         sampler = type(self.sweeper.sampler).__name__
         seed = getattr(self.config.hydra.sweeper.sampler, "seed", None)
-        sampler += f" seed {seed}, {self.sweeper.n_trials} trials per study"
+        sampler += f" seed {seed}" if seed is not None else ""  # GridSampler: no seed
+        sampler += f", {self.sweeper.n_trials} trials per study"
         write_tuned(
             path, tuned_document(experiment, self.metric, self.grid, keys, studies, sampler)
         )

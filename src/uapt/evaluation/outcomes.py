@@ -25,6 +25,7 @@ from typing import Any
 from uapt import files
 
 FILE = "eval_outcomes.jsonl"
+BASE_FILE = "eval_base_outcomes.jsonl"  # the base model's, on the same samples (a table's `base`)
 Value = float | list[float]
 
 
@@ -76,26 +77,39 @@ def from_samples(
     return kept, sorted(dropped)
 
 
-def write(folder: Path, lines: Sequence[Mapping[str, Any]]) -> None:
-    files.write_text(Path(folder) / FILE, "".join(json.dumps(line) + "\n" for line in lines))
+def write(folder: Path, lines: Sequence[Mapping[str, Any]], name: str = FILE) -> None:
+    files.write_text(Path(folder) / name, "".join(json.dumps(line) + "\n" for line in lines))
 
 
-def read(folder: Path) -> dict[tuple[str, str], dict[Any, Value]] | None:
-    """{(task, metric): {doc_id: value}} of a run folder; None when it has no outcomes file
+def read_lines(folder: Path, name: str = FILE) -> list[dict[str, Any]] | None:
+    """The outcome lines of `<folder>/<name>` as written; None when there is no such file
     (records made before outcomes were kept). A damaged file raises DamagedFile."""
-    path = Path(folder) / FILE
+    path = Path(folder) / name
     if not path.exists():
         return None
-    out: dict[tuple[str, str], dict[Any, Value]] = defaultdict(dict)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise files.DamagedFile(path, f"not UTF-8 (byte {e.start})") from None
+    lines = []
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
-            out[row["task"], row["metric"]][row["doc_id"]] = row["value"]
+            lines.append({k: row[k] for k in ("task", "metric", "doc_id", "value")})
         except (ValueError, KeyError, TypeError):
             raise files.DamagedFile(path, f"line {lineno} is not an outcome") from None
+    return lines
+
+
+def read(folder: Path, name: str = FILE) -> dict[tuple[str, str], dict[Any, Value]] | None:
+    """{(task, metric): {doc_id: value}} of a run folder's outcomes (the run's own, or with
+    name=BASE_FILE the base model's); None when there is no such file. A damaged file raises
+    DamagedFile."""
+    lines = read_lines(folder, name)
+    if lines is None:
+        return None
+    out: dict[tuple[str, str], dict[Any, Value]] = defaultdict(dict)
+    for row in lines:
+        out[row["task"], row["metric"]][row["doc_id"]] = row["value"]
     return dict(out)

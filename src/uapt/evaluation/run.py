@@ -56,6 +56,16 @@ def evaluate_lm(
     quiet = console.library_bars_hidden if console.quiet_wanted() else contextlib.nullcontext
     for spec in suite.task_specs:
         started = time.perf_counter()
+        if spec.is_nll:  # uapt's own forward-only task: no lm-eval request
+            from uapt.evaluation import nll  # torch: only where a model is evaluated
+
+            result = nll.evaluate(spec, lm.model, lm.tokenizer, lm.device, suite.system_instruction)
+            scores[spec.name] = result["scores"]
+            meta["n_samples"][spec.name] = result["n_samples"]
+            meta["task_versions"][spec.name] = nll.VERSION
+            kept += result["outcomes"]
+            _log_task(meta, spec.name, result["n_samples"]["effective"], started)
+            continue
         request, manager, is_cfg = task_request(spec, include)
         with quiet():
             raw = simple_evaluate(
@@ -85,12 +95,11 @@ def evaluate_lm(
         meta["task_versions"].update(
             {k: v for k, v in raw.get("versions", {}).items() if v is not None}
         )
-        meta["seconds"][spec.name] = round(time.perf_counter() - started, 2)
-        log.info(
-            "eval %s: %s samples in %.0f s",
+        _log_task(
+            meta,
             spec.name,
             (raw.get("n-samples") or {}).get(spec.name, {}).get("effective", "?"),
-            meta["seconds"][spec.name],
+            started,
         )
         lines, skipped = outcomes.from_samples(raw.get("samples") or {}, scores)
         kept, dropped = kept + lines, dropped + skipped
@@ -106,6 +115,11 @@ def evaluate_lm(
         **meta,
     }
     return {"eval": scores, "eval_meta": json.loads(json.dumps(meta_out, default=str))}
+
+
+def _log_task(meta: dict[str, Any], name: str, samples: Any, started: float) -> None:
+    meta["seconds"][name] = round(time.perf_counter() - started, 2)
+    log.info("eval %s: %s samples in %.0f s", name, samples, meta["seconds"][name])
 
 
 def run_suite(
@@ -241,7 +255,10 @@ def base_scores(
 ) -> dict[str, Any]:
     """The initial model's run_suite result, computed once per (model, suite) and cached as JSON.
 
-    `evaluate_fn()` runs the suite on the initial model; it is called only on a cache miss.
+    `evaluate_fn()` runs the suite on the initial model; it is called only on a cache miss. Its
+    result may carry the per-sample outcome lines as "outcomes" (cached with the scores, so that
+    every run can pair its samples with the base model's); an entry cached before outcomes were
+    kept is evaluated again once.
     A random-init model (no `model.path`) depends on its init seed: pass it as `init_seed`.
     `inputs`: the run's content fingerprints (uapt.inputs); those of the model and the suite's
     data files enter the key, so an edited local model or eval file is scored again.
@@ -262,11 +279,13 @@ def base_scores(
     if path.exists():
         try:
             cached = files.read_json(path)
-            log.info("base scores from cache %s", path)
-            return cached
+            if "outcomes" in cached:
+                log.info("base scores from cache %s", path)
+                return cached
+            log.info("base-score cache %s has no per-sample outcomes; evaluating again", path)
         except files.DamagedFile as e:
             log.warning("base-score cache %s is damaged (%s); evaluating again", path, e.why)
-    result = evaluate_fn()
+    result = {"outcomes": [], **evaluate_fn()}
     files.write_json(path, result)
     return result
 

@@ -25,9 +25,12 @@ from uapt.schema import (
     satisfies,
 )
 
-BUILTIN_TASKS = ("arith", "ifeval_embedded")
+GENERATED_TASKS = ("arith", "ifeval_embedded")  # uapt generates their rows; lm-eval scores them
+NLL_TASK = "nll"  # uapt's own forward-only task: per-sample NLL of reference responses (nll.py)
+BUILTIN_TASKS = (*GENERATED_TASKS, NLL_TASK)
 
 DEFAULT_SIZE = {"arith": 64, "ifeval_embedded": 48}  # rows a builtin task generates
+NLL_ONLY = ("prompt_field", "response_field", "max_length")  # TaskSpec keys of the nll task alone
 
 # How generation tasks decode: uapt's greedy loop, or lm-eval's model.generate (uapt.evaluation.generate)
 GENERATORS = ("fast", "hf")
@@ -57,6 +60,7 @@ def _task_name_ok(v: Any) -> bool:
 
 
 LIMIT = satisfies(_limit_ok, "an integer >= 1, a fraction in (0, 1], or null")
+NLL_SUFFIXES = (".json", ".jsonl")
 SUITE_OR_BOOL = optional(satisfies(lambda v: isinstance(v, bool), "true, false (the suite's)"))
 
 
@@ -86,6 +90,11 @@ class TaskSpec(Section):
     overrides: Mapping[str, Any] | None = option(optional(MAPPING), default=None)
     size: int | None = option(optional(number(1, integer=True)), default=None)  # builtins only
     seed: int = option(number(integer=True), default=0)
+    # the nll task only: which fields of a row hold the prompt and the reference response, and
+    # the token length a rendered row is cut to (from the right, as training rows are)
+    prompt_field: str | None = option(optional(TEXT), default=None)
+    response_field: str | None = option(optional(TEXT), default=None)
+    max_length: int | None = option(optional(number(2, integer=True)), default=None)
 
     @classmethod
     def parse(cls, node: Any, where: str | None = None) -> TaskSpec:
@@ -101,17 +110,45 @@ class TaskSpec(Section):
 
     def check(self, where: str) -> None:
         task = self.task or self.name
-        if task not in BUILTIN_TASKS and self.size is not None:
+        if task not in GENERATED_TASKS and self.size is not None:
             raise ConfigError(
-                f"{where}.size applies to the builtin tasks ({', '.join(BUILTIN_TASKS)}) only"
+                f"{where}.size applies to the generated tasks ({', '.join(GENERATED_TASKS)}) only"
             )
-        if task in BUILTIN_TASKS and self.data_files is not None:
+        if task in GENERATED_TASKS and self.data_files is not None:
             raise ConfigError(f"{where}.data_files: the builtin task {task!r} generates its data")
+        if task == NLL_TASK:
+            self._check_nll(where)
+        else:
+            for key in NLL_ONLY:
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{where}.{key} applies to the {NLL_TASK} task only")
         _resolve_files(f"{where}.data_files", self.data_files)  # fail on a missing file now
+
+    def _check_nll(self, where: str) -> None:
+        """The nll task reads one local file and generates nothing: generation and few-shot keys
+        would be ignored, so they are errors; the chat template is always applied (as in training)."""
+        if not isinstance(self.data_files, str) or not self.data_files.endswith(NLL_SUFFIXES):
+            raise ConfigError(
+                f"{where}.data_files: the {NLL_TASK} task reads one local .json or .jsonl file "
+                f"of prompts and reference responses, got {self.data_files!r}"
+            )
+        for key in ("num_fewshot", "max_gen_toks", "fewshot_as_multiturn", "overrides"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"{where}.{key} does not apply to the {NLL_TASK} task")
+        if self.apply_chat_template is False:
+            raise ConfigError(
+                f"{where}.apply_chat_template=false: the {NLL_TASK} task renders every row with "
+                "the chat template, as training does"
+            )
 
     @property
     def builtin(self) -> bool:
         return (self.task or self.name) in BUILTIN_TASKS
+
+    @property
+    def is_nll(self) -> bool:
+        """uapt's forward-only NLL task (uapt.evaluation.nll), not an lm-eval task."""
+        return (self.task or self.name) == NLL_TASK
 
 
 @dataclass(frozen=True)
@@ -155,6 +192,11 @@ class SuiteConfig(Section):
             spec = self._resolved(TaskSpec.parse(raw, f"eval.tasks[{i}]"), f"eval.tasks[{i}]")
             if spec.name in seen:
                 raise ConfigError(f"eval.tasks[{i}].name={spec.name!r} appears twice in the suite")
+            if spec.is_nll and not spec.apply_chat_template:
+                raise ConfigError(
+                    f"eval.apply_chat_template=false: eval.tasks[{i}] ({NLL_TASK}) renders every "
+                    "row with the chat template, as training does; set it on the other tasks"
+                )
             seen.add(spec.name)
             specs.append(spec)
         return tuple(specs)

@@ -2,13 +2,14 @@
 
 An experiment file (experiments/*.yaml) selects runs among `<runs_dir>/<slug>-<id>/run.json`, lays
 them out as rows x columns, aggregates every cell over seeds (mean ± sample std), gives every
-delta to the baseline column a paired bootstrap interval and renders it for the terminal (rich),
-Markdown, CSV or LaTeX; `--plot OUTDIR` draws the file's figures as PNG. Runs that are not
+delta to the baseline column a paired bootstrap interval and p-value, marks the deltas that
+survive the table's multiple-comparison adjustment, notes cells whose runs come from different
+code, and renders it for the terminal (rich), Markdown, CSV or LaTeX; `--plot OUTDIR` draws the file's figures as PNG. Runs that are not
 completed are counted and reported, never aggregated; expected cells without results read
 "missing". Read in the order of the flow:
 
 - `spec`: the experiment file, checked (`values`: paths, YAML with lines, constants);
-- `aggregate` (with `cells`, `intervals`): the arithmetic of the table;
+- `aggregate` (with `cells`, `intervals`, `adjust`, `mixing`): the arithmetic of the table;
 - `render`, `plots`: text and figures;
 - `cli`: the command. Run records are read by uapt.records (load_runs), next to where they are
   written.

@@ -11,8 +11,19 @@ from typing import Any
 
 from uapt import bootstrap
 from uapt.records import Run
-from uapt.table.cells import Cell, Table, _count_text, _signed, _where, _where_row
+from uapt.table.adjust import DEFAULT as DEFAULT_ADJUST
+from uapt.table.adjust import add_adjustment
+from uapt.table.cells import (
+    Cell,
+    Table,
+    _count_text,
+    _signed,
+    _where,
+    _where_row,
+    reference_cell,
+)
 from uapt.table.intervals import _add_intervals, _ci_note
+from uapt.table.mixing import cell_note, table_notes
 from uapt.table.spec import Axis, TableSpec
 from uapt.table.values import (
     _MISSING,
@@ -66,9 +77,11 @@ def build_table(
     runs: Sequence[Run],
     problems: Sequence[str] = (),
     ci: bootstrap.Settings | None = None,
+    adjust: str = DEFAULT_ADJUST,
 ) -> Table:
     """Aggregate the selected runs into the experiment's grid (all the arithmetic lives here);
-    `ci`: level, draws and seed of the deltas' intervals (default 95 %, 10000, 0).
+    `ci`: level, draws and seed of the deltas' intervals (default 95 %, 10000, 0); `adjust`:
+    how the deltas' `*` survive multiple comparisons (holm, bh or none; uapt.table.adjust).
 
     Raises TableSpecError for a cell path no selected completed run has, TableError for paired
     runs that share no eval sample."""
@@ -100,7 +113,7 @@ def build_table(
     if exp.column.expected() is None and exp.baseline in columns:  # unlisted: baseline first
         columns.insert(0, columns.pop(columns.index(exp.baseline)))
     settings = ci or bootstrap.Settings()
-    table = Table(exp, rows, columns, {}, {}, defaultdict(list), {}, notes, False, settings)
+    table = Table(exp, rows, columns, {}, {}, defaultdict(list), {}, notes, False, settings, adjust)
     absent: dict[str, list[str]] = defaultdict(list)
     for rk, ck in product(rows, columns):
         cell_runs = placed.get((rk, ck), [])
@@ -116,15 +129,16 @@ def build_table(
                     cell.values.append(v)
                     cell.runs.append(run)
             table.cells[(rk, metric.label, ck)] = cell
-        note = _pooling_note(f"cell {_where(exp, rk, ck)}", done) if len(done) > 1 else None
-        if note:
-            notes.append(note)
+        where = f"cell {_where(exp, rk, ck)}"
+        note = _pooling_note(where, done) if len(done) > 1 else None
+        notes.extend(n for n in (note, cell_note(where, done)) if n)
 
     _add_deltas(table)
     _add_intervals(table)
+    adjustment = add_adjustment(table)
     _add_base(table, placed)
     _add_paper(table)
-    _add_notes(table, selected, unplaced, absent, problems)
+    _add_notes(table, selected, unplaced, absent, problems, adjustment)
     return table
 
 
@@ -144,12 +158,12 @@ def _row_order(
 
 
 def _add_deltas(table: Table) -> None:
-    base_col = table.experiment.baseline
-    if base_col is None:
+    exp = table.experiment
+    if exp.baseline is None:
         return
     for (rk, label, ck), cell in table.cells.items():
-        ref = table.cells.get((rk, label, base_col))
-        if ck != base_col and ref is not None and cell.n and ref.n:
+        ref = reference_cell(table, (rk, label, ck))
+        if ck != exp.baseline and ref is not None and cell.n and ref.n:
             cell.delta = cell.mean - ref.mean  # type: ignore[operator]
 
 
@@ -252,6 +266,7 @@ def _add_notes(
     unplaced: Mapping[str, list[str]],
     absent: Mapping[str, list[str]],
     problems: Sequence[str],
+    adjustment: Sequence[str] = (),
 ) -> None:
     exp = table.experiment
     notes: list[str] = []
@@ -266,12 +281,16 @@ def _add_notes(
             f"Mean ± sample std (ddof=1) over seeds; [n=k]: seeds in the cell; "
             f"± {NONE_TEXT} where n = 1."
         )
-    if exp.baseline is not None:
+    if exp.against_base:
+        notes.append("(±Δ): difference to the base model (eval_base of the same runs).")
+    elif exp.baseline is not None:
         notes.append(f"(±Δ): difference to the {exp.column.display(exp.baseline, True)} column.")
         if any(c.ci is not None for c in table.cells.values()):
             notes.append(_ci_note(table.ci))
+            notes.extend(adjustment)
     if exp.base:
         notes.append("base: the model before post-training (eval_base).")
+    notes.extend(table_notes([r for r in selected if r.completed]))
     if not selected:
         notes.append("No run matched the experiment's `runs` filter.")
     incomplete = [r for r in selected if not r.completed]

@@ -21,6 +21,8 @@ class Cell:
     delta: float | None = None
     runs: list[Run] = field(default_factory=list)  # the run of each value
     ci: bootstrap.Interval | None = None  # of the delta, paired with the baseline cell
+    p_adjusted: float | None = None  # ci.p_value adjusted over the table's family (table.adjust)
+    marked: bool = False  # the delta's `*`: it survives the table's adjustment
 
     @property
     def n(self) -> int:
@@ -51,6 +53,7 @@ class Table:
     notes: list[str]
     show_n: bool
     ci: bootstrap.Settings = field(default_factory=bootstrap.Settings)
+    adjust: str = "holm"  # multiple-comparison adjustment of the deltas (uapt.table.adjust)
 
 
 def _count_text(counts: Mapping[str, int], sep: str = ", ") -> str:
@@ -69,3 +72,21 @@ def _where(exp: TableSpec, rk: tuple[Any, ...], ck: Any) -> str:
 
 def _where_row(exp: TableSpec, rk: tuple[Any, ...]) -> str:
     return " / ".join(a.display(k) for a, k in zip(exp.rows, rk, strict=True)) or "(all)"
+
+
+def reference_cell(table: Table, where: tuple[tuple[Any, ...], str, Any]) -> Cell | None:
+    """What a cell's delta is taken against: the baseline column's cell in the same row, or with
+    `baseline: base` the cell's own runs read as the base model (their eval_base scores; a run
+    without one leaves the cell without a delta)."""
+    exp, (rk, label, _) = table.experiment, where
+    if not exp.against_base:
+        return table.cells.get((rk, label, exp.baseline))
+    metric = next(m for m in exp.cells if m.label == label)
+    cell = table.cells[where]
+    ref = Cell(runs=list(cell.runs))
+    for run in cell.runs:
+        value = metric.base_value(run.data)
+        if value is None:
+            return Cell()
+        ref.values.append(value)
+    return ref

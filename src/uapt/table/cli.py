@@ -11,8 +11,12 @@ from typing import NoReturn
 
 from uapt import bootstrap, files
 from uapt.records import load_runs
+from uapt.table.adjust import DEFAULT as DEFAULT_ADJUST
+from uapt.table.adjust import METHODS as ADJUSTMENTS
 from uapt.table.aggregate import build_table
+from uapt.table.cells import Table
 from uapt.table.plots import make_plots
+from uapt.table.power import DEFAULT_POWER, describe_missing, power_report, render_power
 from uapt.table.render import render, to_rich, to_text
 from uapt.table.spec import load_table_spec
 from uapt.table.values import FORMATS, TableError, TableSpecError
@@ -45,6 +49,30 @@ def _draws(text: str) -> int:
     if not 1 <= value <= bootstrap.MAX_DRAWS:
         raise argparse.ArgumentTypeError(
             f"expected a number of bootstrap draws from 1 to {bootstrap.MAX_DRAWS}, got {text!r}"
+        )
+    return value
+
+
+def _power(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a power strictly between 0 and 1 (e.g. 0.8), got {text!r}"
+        )
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"expected an effect size > 0 in the metric's display units, got {text!r}"
         )
     return value
 
@@ -97,12 +125,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seed of the bootstrap draws; the same seed gives the same table (default 0)",
     )
     parser.add_argument(
+        "--adjust",
+        choices=tuple(ADJUSTMENTS),
+        default=DEFAULT_ADJUST,
+        help="multiple-comparison adjustment of the deltas' marks over the whole table: holm "
+        "(family-wise error), bh (Benjamini-Hochberg, false discovery rate) or none "
+        f"(default {DEFAULT_ADJUST})",
+    )
+    parser.add_argument(
+        "--power",
+        type=_power,
+        nargs="?",
+        const=DEFAULT_POWER,
+        metavar="P",
+        help="print what the runs can resolve instead of the table: per delta, the paired and "
+        f"seed standard deviations and the minimum detectable effect at power P (default "
+        f"{DEFAULT_POWER}) for the runs' samples x seeds (docs/tables.md, Power)",
+    )
+    parser.add_argument(
+        "--mde",
+        type=_positive,
+        metavar="X",
+        help="with --power: the samples and the seeds each delta needs for an MDE of X "
+        "(display units)",
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="also log the table and plots to W&B: a run of job type `table` in the runs' group",
     )
     parser.add_argument("--wandb-mode", choices=("offline", "online"), default="offline")
     args = parser.parse_args(argv)
+    if args.mde is not None and args.power is None:
+        parser.error("--mde needs --power")
 
     try:
         exp = load_table_spec(args.experiment)
@@ -116,12 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     runs, problems = load_runs(dirs)
     try:
-        table = build_table(
-            exp, runs, problems, bootstrap.Settings(args.ci, args.bootstrap, args.seed)
-        )
+        settings = bootstrap.Settings(args.ci, args.bootstrap, args.seed)
+        table = build_table(exp, runs, problems, settings, args.adjust)
     except (TableSpecError, TableError) as e:
         print(f"uapt-table: error: {e}", file=sys.stderr)
         return 2
+    if args.power is not None:
+        return _print_power(table, args.power, args.mde, args.output)
     if args.output is not None:
         files.write_text(args.output, render(table, args.format))  # atomic: never half a table
         print(f"wrote {args.output}", file=sys.stderr)
@@ -146,6 +202,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from uapt.wandb_report import report_table
 
         print(report_table(table, runs, dirs[0], written, args.wandb_mode), file=sys.stderr)
+    return 0
+
+
+def _print_power(table: Table, power: float, target: float | None, output: Path | None) -> int:
+    report = power_report(table, power, target)
+    if not report.rows:
+        print(f"uapt-table: error: {describe_missing(report, table)}", file=sys.stderr)
+        return 2
+    text = render_power(table, report)
+    if output is not None:
+        files.write_text(output, text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 

@@ -13,9 +13,9 @@ from typing import Any
 from uapt import bootstrap, files
 from uapt.evaluation import outcomes
 from uapt.records import Run
-from uapt.table.cells import Cell, Table, _where, _where_row
+from uapt.table.cells import Cell, Table, _where, _where_row, reference_cell
 from uapt.table.spec import Metric, TableSpec
-from uapt.table.values import _MISSING, MARK, TableError, _canon, _fmt_value, _sort_key, lookup
+from uapt.table.values import _MISSING, TableError, _canon, _fmt_value, _sort_key, lookup
 
 # Why an interval resamples seeds only (uapt.bootstrap.paired_seeds) rather than samples too.
 NOT_EVAL = "not an eval metric"
@@ -23,6 +23,11 @@ NOT_EVAL = "not an eval metric"
 NO_FILE = (
     "no per-sample outcomes: runs without eval_outcomes.jsonl, e.g. recorded before outcomes "
     "were kept"
+)
+
+NO_BASE_FILE = (
+    "no per-sample outcomes of the base model: runs without eval_base_outcomes.jsonl, e.g. "
+    "recorded before they were kept"
 )
 
 DAMAGED = "a damaged eval_outcomes.jsonl"
@@ -78,8 +83,8 @@ class _IntervalNotes:
             out.append(
                 f"Seeds-only intervals over {' or '.join(map(str, few))} seeds span about the "
                 "range of the per-seed differences (every draw taking the same seed is likelier "
-                f"than the tail): they understate the uncertainty, and {MARK} on them says little "
-                "more than that every paired seed moved the same way."
+                "than the tail): they understate the uncertainty, so their marks come from the "
+                "sign-flip test instead (the adjustment's note)."
             )
         for reason, wheres in self.none.items():
             out.append(f"No interval ({reason}): {_cells_text(table, wheres)}.")
@@ -110,7 +115,9 @@ def _ci_note(ci: bootstrap.Settings) -> str:
         f"[lo, hi]: {100 * ci.level:g} % percentile interval of Δ from a paired bootstrap "
         f"({ci.draws} draws, seed {ci.seed}): runs paired by seed, eval samples by doc id; "
         "each draw resamples the paired seeds, then the samples of each drawn seed (only the "
-        f"samples when one seed pairs); {MARK} marks an interval that excludes 0."
+        "samples when one seed pairs). p: the two-sided p-value of Δ = 0 from the same draws, "
+        f"2 min(1 + #draws ≤ 0, 1 + #draws ≥ 0) / ({ci.draws} + 1), at most 1; for a "
+        "seeds-only interval, the exact sign-flip test over its paired seeds."
     )
 
 
@@ -139,7 +146,7 @@ def _add_intervals(table: Table) -> None:
     """A paired bootstrap interval (uapt.bootstrap) for every delta, and notes saying which
     cells resample seeds only and which seeds or samples the pairing left out."""
     notes = _IntervalNotes()
-    loaded: dict[Path, Any] = {}  # run folder -> its outcomes, None or the DamagedFile
+    loaded: dict[tuple[Path, str], Any] = {}  # (folder, file) -> outcomes, None or DamagedFile
     for where, cell in table.cells.items():
         if cell.delta is not None:
             cell.ci = _interval(table, where, cell, loaded, notes)
@@ -147,12 +154,16 @@ def _add_intervals(table: Table) -> None:
 
 
 def _interval(
-    table: Table, where: Where, cell: Cell, loaded: dict[Path, Any], notes: _IntervalNotes
+    table: Table,
+    where: Where,
+    cell: Cell,
+    loaded: dict[tuple[Path, str], Any],
+    notes: _IntervalNotes,
 ) -> bootstrap.Interval | None:
     """The interval of one cell's delta: over per-sample outcomes when every paired run has
     them, else over seeds only (none under two paired seeds)."""
     exp, (rk, label, ck) = table.experiment, where
-    ref = table.cells[(rk, label, exp.baseline)]
+    ref = reference_cell(table, where)
     metric = next(m for m in exp.cells if m.label == label)
     pairs, left_out = _pair_seeds(exp, cell, ck, ref)
     if not pairs:
@@ -164,7 +175,7 @@ def _interval(
     pair = sorted([repr(ck), repr(exp.baseline)])
     rng = bootstrap.rng_for(table.ci.seed, repr(rk), label, *pair)
     try:
-        seeds, partial = _paired_outcomes(metric, pairs, cell, ref, loaded, notes)
+        seeds, partial = _paired_outcomes(metric, pairs, cell, ref, loaded, notes, exp.against_base)
     except _ZeroSamples as e:
         raise TableError(
             f"bootstrap over zero samples: cell {_where(exp, rk, ck)} vs "
@@ -184,6 +195,31 @@ def _interval(
     for task, text in partial:
         notes.partial[(rk, ck, task)].append(text)
     return bootstrap.paired_samples(seeds, metric.scale, table.ci, rng)
+
+
+class NoPerSampleOutcomes(Exception):
+    """A comparison whose paired runs do not all have per-sample outcomes of its metric."""
+
+
+def paired_sample_outcomes(table: Table, where: Where) -> list[list[bootstrap.TaskSamples]]:
+    """Per paired seed, per task: the cell's and the baseline's per-sample outcomes of the
+    metric, aligned by doc id (what the cell's interval resamples); NoPerSampleOutcomes saying
+    why when there are none (no paired seed, runs without outcomes, not an eval metric)."""
+    exp, (_, label, ck) = table.experiment, where
+    cell, ref = table.cells[where], reference_cell(table, where)
+    metric = next(m for m in exp.cells if m.label == label)
+    pairs, _ = _pair_seeds(exp, cell, ck, ref)
+    if not pairs:
+        raise NoPerSampleOutcomes("no seed in both the cell and the baseline")
+    try:
+        seeds, _ = _paired_outcomes(
+            metric, pairs, cell, ref, {}, _IntervalNotes(), exp.against_base
+        )
+    except _NoOutcomes as e:
+        raise NoPerSampleOutcomes(e.reason) from None
+    except _ZeroSamples as e:
+        raise NoPerSampleOutcomes(f"no shared sample in task {e.task}") from None
+    return seeds
 
 
 def _pair_seeds(
@@ -239,12 +275,14 @@ def _paired_outcomes(
     pairs: Sequence[tuple[Any, int, int]],
     cell: Cell,
     ref: Cell,
-    loaded: dict[Path, Any],
+    loaded: dict[tuple[Path, str], Any],
     notes: _IntervalNotes,
+    ref_is_base: bool = False,
 ) -> tuple[list[list[bootstrap.TaskSamples]], list[tuple[str, str]]]:
-    """Per paired seed, per task of the metric: both runs' outcomes on the samples both scored;
-    and (task, text) for each pair whose runs did not score the same samples. Raises
-    _NoOutcomes when a run lacks them, _ZeroSamples when two runs share no sample."""
+    """Per paired seed, per task of the metric: both runs' outcomes on the samples both scored
+    (`ref_is_base`: the reference side is the base model's, from the same run folder); and
+    (task, text) for each pair whose runs did not score the same samples. Raises _NoOutcomes
+    when a run lacks them, _ZeroSamples when two runs share no sample."""
     keys = _outcome_keys(metric)
     if keys is None:
         raise _NoOutcomes(NOT_EVAL)
@@ -253,7 +291,8 @@ def _paired_outcomes(
         tasks = []
         for task, names in keys.items():
             sides = [
-                _run_outcomes(r, task, names, loaded, notes) for r in (cell.runs[i], ref.runs[j])
+                _run_outcomes(cell.runs[i], task, names, loaded, notes),
+                _run_outcomes(ref.runs[j], task, names, loaded, notes, base=ref_is_base),
             ]
             samples, _ = bootstrap.align(*sides)
             sizes = [len(side[0]) for side in sides]
@@ -270,19 +309,27 @@ def _paired_outcomes(
 
 
 def _run_outcomes(
-    run: Run, task: str, names: Sequence[str], loaded: dict[Path, Any], notes: _IntervalNotes
+    run: Run,
+    task: str,
+    names: Sequence[str],
+    loaded: dict[tuple[Path, str], Any],
+    notes: _IntervalNotes,
+    base: bool = False,
 ) -> list[Mapping[Any, Any]]:
-    """The run's {doc_id: outcome} for each of the task's metric names, when they reproduce
-    the score in its record (so that the interval is about the number the table shows)."""
-    if run.folder not in loaded:
+    """The run's {doc_id: outcome} for each of the task's metric names (`base`: its base
+    model's), when they reproduce the score in its record (so that the interval is about the
+    number the table shows)."""
+    file, scores = (outcomes.BASE_FILE, "eval_base") if base else (outcomes.FILE, "eval")
+    key = (run.folder, file)
+    if key not in loaded:
         try:
-            loaded[run.folder] = outcomes.read(run.folder)
+            loaded[key] = outcomes.read(run.folder, file)
         except files.DamagedFile as e:
-            loaded[run.folder] = e
+            loaded[key] = e
             notes.damaged.append(f"not loaded: {e} (seeds-only intervals for its cells)")
-    got = loaded[run.folder]
+    got = loaded[key]
     if got is None:
-        raise _NoOutcomes(NO_FILE)
+        raise _NoOutcomes(NO_BASE_FILE if base else NO_FILE)
     if isinstance(got, files.DamagedFile):
         raise _NoOutcomes(DAMAGED)
     per_name = []
@@ -290,7 +337,7 @@ def _run_outcomes(
         values = got.get((task, name))
         if not values:
             raise _NoOutcomes(NOT_PER_SAMPLE)
-        recorded = lookup(run.data, ("eval", task, name))
+        recorded = lookup(run.data, (scores, task, name))
         try:
             agg = outcomes.aggregate(values.values())
         except (TypeError, ValueError):  # not numbers: treated like a file that disagrees

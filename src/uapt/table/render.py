@@ -21,17 +21,17 @@ def _cell_text(cell: Cell, metric: Metric, show_n: bool) -> str:
     std = NONE_TEXT if cell.std is None else f"{cell.std:.{d}f}"
     text = f"{cell.mean:.{d}f} ± {std}"
     if cell.delta is not None:
-        text += f" ({_delta_text(cell.delta, cell.ci, d)})"
+        text += f" ({_delta_text(cell.delta, cell.ci, d, cell.marked)})"
     if show_n:
         text += f" [n={cell.n}]"
     return text
 
 
-def _delta_text(delta: float, ci: bootstrap.Interval | None, d: int) -> str:
-    """+4.0, or +4.0* [+1.2, +6.8]: the marked delta's interval excludes 0."""
+def _delta_text(delta: float, ci: bootstrap.Interval | None, d: int, marked: bool) -> str:
+    """+4.0, or +4.0* [+1.2, +6.8]: the marked delta survives the table's adjustment."""
     if ci is None:
         return _signed(delta, d)
-    mark = MARK if ci.significant else ""
+    mark = MARK if marked else ""
     return f"{_signed(delta, d)}{mark} [{_signed(ci.lo, d)}, {_signed(ci.hi, d)}]"
 
 
@@ -150,7 +150,8 @@ def to_latex(table: Table) -> str:
 
 def to_csv(table: Table) -> str:
     """Tidy CSV: one line per (row, metric, column) with numbers at full precision; the delta's
-    interval in delta_lo, delta_hi, delta_significant and how it was made in the ci_ columns."""
+    interval in delta_lo, delta_hi, delta_significant and how it was made in the ci_ columns; its
+    raw and adjusted p-values, the adjustment and whether the delta is marked."""
     exp = table.experiment
 
     def num(x: float | None) -> str:
@@ -193,7 +194,7 @@ def to_csv(table: Table) -> str:
                         num(paper.get("value")),
                         num(paper.get("delta")),
                         _count_text(cell.incomplete, "; "),
-                        *_csv_ci(cell.ci, table.ci, num),
+                        *_csv_ci(cell, table, num),
                     ]
                 )
     return buf.getvalue()
@@ -208,17 +209,36 @@ CSV_CI_COLUMNS = (
     "ci_draws",
     "ci_seed",
     "ci_paired_seeds",
+    "p_value",
+    "p_adjusted",
+    "adjust",
+    "marked",
 )
 
 
-def _csv_ci(
-    ci: bootstrap.Interval | None, settings: bootstrap.Settings, num: Callable[[Any], str]
-) -> list[str]:
+def _csv_ci(cell: Cell, table: Table, num: Callable[[Any], str]) -> list[str]:
+    ci, settings = cell.ci, table.ci
     if ci is None:
         return [""] * len(CSV_CI_COLUMNS)
-    significant = "true" if ci.significant else "false"
     level, draws, seed = num(settings.level), str(settings.draws), str(settings.seed)
-    return [num(ci.lo), num(ci.hi), significant, ci.method, level, draws, seed, str(ci.seeds)]
+    return [
+        num(ci.lo),
+        num(ci.hi),
+        _bool(ci.significant),
+        ci.method,
+        level,
+        draws,
+        seed,
+        str(ci.seeds),
+        num(ci.p_value),
+        num(cell.p_adjusted),
+        table.adjust,
+        _bool(cell.marked),
+    ]
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _csv_key(key: Any) -> str:

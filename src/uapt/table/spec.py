@@ -155,6 +155,12 @@ class PlotSpec:
     title: str | None
 
 
+BASE_BASELINE = "base"  # `baseline: base`: the base model (eval_base), not a column
+AMBIGUOUS_BASE = (
+    "'base' names the base model (eval_base); a column value 'base' would be ambiguous: rename it"
+)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One experiment file (experiments/<name>.yaml): which runs, rows, columns, cells, baseline,
@@ -175,6 +181,11 @@ class TableSpec:
 
     def selects(self, record: Mapping[str, Any]) -> bool:
         return all(cond(lookup(record, path)) for _, path, cond in self.filters)
+
+    @property
+    def against_base(self) -> bool:
+        """`baseline: base`: every column's delta is to the base model (its runs' eval_base)."""
+        return self.baseline == BASE_BASELINE
 
 
 class _Checker:
@@ -417,19 +428,25 @@ def parse_experiment(doc: Any, path: Path) -> TableSpec:
     if len(set(labels)) != len(labels):
         c.fail("cells", f"cell labels must be unique, got {labels}", _line_of(doc, "cells"))
 
+    base = doc.get("base", True)
+    if not isinstance(base, bool):
+        c.fail("base", "expected true or false", _line_of(doc, "base"))
     baseline = None
     if "baseline" in doc:
         baseline = _canon(doc["baseline"])
         expected = column.expected()
-        if expected is not None and baseline not in expected:
+        if baseline == BASE_BASELINE:
+            if expected is not None and BASE_BASELINE in expected:
+                c.fail("baseline", AMBIGUOUS_BASE, _line_of(doc, "baseline"))
+            if not base:
+                c.fail("baseline", "base needs the base column (base: true)", _line_of(doc, "base"))
+        elif expected is not None and baseline not in expected:
             c.fail(
                 "baseline",
-                f"{doc['baseline']!r} is not among columns.values {list(expected)}",
+                f"{doc['baseline']!r} is not among columns.values {list(expected)} "
+                f"(or `{BASE_BASELINE}`: the base model)",
                 _line_of(doc, "baseline"),
             )
-    base = doc.get("base", True)
-    if not isinstance(base, bool):
-        c.fail("base", "expected true or false", _line_of(doc, "base"))
     paper = _parse_paper(c, doc, rows, cells)
     plots = _parse_plots(c, doc, cells, column)
     return TableSpec(

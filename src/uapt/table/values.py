@@ -24,7 +24,7 @@ MISSING_TEXT = "missing"
 
 NONE_TEXT = "—"  # an em dash: "not applicable" / "no std for n = 1"
 
-MARK = "*"  # on a delta whose interval excludes 0
+MARK = "*"  # on a delta that survives the table's adjustment (uapt.table.adjust)
 
 
 class TableSpecError(ValueError):
