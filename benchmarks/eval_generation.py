@@ -22,7 +22,7 @@ the throughput of the model's own matrix products at decode shape (batch rows), 
 same run (attention, ~4 % of the FLOPs here, is left out).
 
 The outputs are compared: per sample, fast vs today (and the per-sample outcomes and scores);
-each differing sample's first differing token is checked for a near tie (generate.divergence,
+each differing sample's first differing token is checked for a near tie (generate.difference,
 generate.NEAR_TIE).
 
 `--profile TASK` instead profiles one task's generation by today's path and by the loop
@@ -286,7 +286,7 @@ class Bench:
     def differences(self, task: str, out_dir: Path) -> list[dict[str, Any]]:
         """The samples whose output differs (fast vs today), each with its first differing
         token and the reference's logit margin there."""
-        from uapt.evaluation.generate import NEAR_TIE, divergence
+        from uapt.evaluation.generate import difference
 
         theirs, ours = (
             _responses(out_dir / p / task / "eval_samples" / f"{task}.jsonl")
@@ -299,9 +299,11 @@ class Bench:
             prompt = tuple(self.lms["fast"].tok_encode(context))
             mine, ref = self.recorders["fast"].ids[prompt], self.recorders["today"].ids[prompt]
             end = kept_length(mine, self.tokenizer.pad_token_id, self.eos)
-            index, margin = divergence(self.model, prompt, ref[:end], mine[:end]) or (None, None)
-            near = margin is not None and abs(margin) <= NEAR_TIE
-            found.append({"doc": i, "token": index, "margin": margin, "near_tie": near})
+            # a row whose text differs where its kept ids do not: not a rounding flip
+            departs = difference(self.model, prompt, ref[:end], mine[:end])
+            found.append(
+                {"doc": i, **(departs or {"token": None, "margin": None, "near_tie": False})}
+            )
         return found
 
     @property
@@ -428,7 +430,7 @@ def measure(sizes: dict[str, Any], rounds: int) -> dict[str, Any]:
 
 
 class Forwards:
-    """Seconds in the model's forward calls: prefill (several positions a row) and decoding."""
+    """CPU seconds in the model's forward calls: prefill (several positions a row) and decoding."""
 
     def __init__(self, model: Any) -> None:
         self.seconds = {"prefill": 0.0, "decode": 0.0}
@@ -439,19 +441,20 @@ class Forwards:
         ]
 
     def start(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self.started = time.perf_counter()
+        self.started = time.process_time()
 
     def stop(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
         ids = kwargs["input_ids"]
         phase = "decode" if ids.shape[-1] == 1 else "prefill"
-        self.seconds[phase] += time.perf_counter() - self.started
+        self.seconds[phase] += time.process_time() - self.started
         if phase == "decode":
             self.steps, self.rows = self.steps + 1, self.rows + ids.shape[0]
 
 
 def profile(sizes: dict[str, Any], task: str) -> dict[str, Any]:
-    """One task's generation by today's path and by the loop, each under torch.profiler: wall
-    time, forward time by phase, decoding steps and rows, and the operators' shares."""
+    """One task's generation by today's path and by the loop, each under torch.profiler: CPU
+    seconds (one thread: an idle machine's wall clock), forward seconds by phase, decoding steps
+    and rows, and the operators' shares; then the logits' rounding across batch shapes."""
     import torch
     from lm_eval.api.instance import Instance
     from torch.profiler import ProfilerActivity
@@ -465,21 +468,19 @@ def profile(sizes: dict[str, Any], task: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg["model"], cfg["cache_dir"])
     model = load_model(cfg["model"], tokenizer, cfg["cache_dir"], torch.device("cpu")).eval()
     requests = capture_requests(model, tokenizer, node)[task]
-    out = {"task": task, "samples": len(requests), "paths": {}}
+    out: dict[str, Any] = {"task": task, "samples": len(requests), "paths": {}}
     for path, generator in (("today", "hf"), ("fast", "fast")):
         lm = UaptLM(pretrained=model, tokenizer=tokenizer, batch_size=node["batch_size"],
                     generator=generator)  # fmt: skip
         forwards = Forwards(model)
         reqs = [Instance("generate_until", {}, args, i) for i, args in enumerate(requests)]
-        started = time.perf_counter()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with Clock() as clock, torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             lm.generate_until(reqs, disable_tqdm=True)
-        wall = time.perf_counter() - started
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
         out["paths"][path] = {
-            "wall_s": wall,
+            "cpu_s": clock.seconds["cpu"],
             "forward_s": dict(forwards.seconds),
             "decode_steps": forwards.steps,
             "mean_rows_per_step": forwards.rows / max(forwards.steps, 1),
@@ -487,7 +488,30 @@ def profile(sizes: dict[str, Any], task: str) -> dict[str, Any]:
         }
         for handle in forwards.handles:
             handle.remove()
+    out["rounding"] = rounding(model, lm, [context for context, _ in requests[:ROUNDING_PROMPTS]])
     return out
+
+
+ROUNDING_PROMPTS = 4  # prompts whose logits are compared across batch shapes (seconds each)
+
+
+def rounding(model: Any, lm: Any, prompts: list[str]) -> dict[str, float]:
+    """How far float rounding moves a logit when the batch around a prompt changes: each prompt's
+    last-position logits in the left-padded batch of all `prompts` vs alone (other shapes, other
+    BLAS kernels, the same arithmetic). generate.NEAR_TIE must stay well above it."""
+    import torch
+
+    ids, mask = lm.tok_batch_encode(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as model.generate makes them
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        alone = torch.cat(
+            [model(input_ids=torch.tensor([lm.tok_encode(p)])).logits[:, -1] for p in prompts]
+        )
+    return {
+        "max_abs_logit_change": float((batched - alone).abs().max()),
+        "max_abs_logit": float(alone.abs().max()),
+    }
 
 
 def render_profile(found: dict[str, Any]) -> str:
@@ -496,11 +520,16 @@ def render_profile(found: dict[str, Any]) -> str:
         f = p["forward_s"]
         shares = ", ".join(f"{k.removeprefix('aten::')} {v:.0%}" for k, v in p["op_share"].items())
         lines.append(
-            f"{path}: {p['wall_s']:.1f} s; prefill {f['prefill']:.1f} s, decoding {f['decode']:.1f} "
+            f"{path}: {p['cpu_s']:.1f} CPU s; prefill {f['prefill']:.1f} s, decoding {f['decode']:.1f} "
             f"s over {p['decode_steps']} steps ({p['mean_rows_per_step']:.1f} rows a step, "
             f"{1000 * f['decode'] / max(p['decode_steps'], 1):.0f} ms a step), outside the model "
-            f"{p['wall_s'] - f['prefill'] - f['decode']:.1f} s; operators: {shares}"
+            f"{p['cpu_s'] - f['prefill'] - f['decode']:.1f} s; operators: {shares}"
         )
+    r = found["rounding"]
+    lines.append(
+        f"rounding: {ROUNDING_PROMPTS} prompts' logits batched vs alone differ by up to "
+        f"{r['max_abs_logit_change']:.1e} (|logit| up to {r['max_abs_logit']:.0f})"
+    )
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ where it hands a batch back to model.generate, and eval.generate as a knob outsi
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 
@@ -15,10 +16,12 @@ from uapt import records
 from uapt.evaluation import run_suite, suite_hash
 from uapt.evaluation import suite as suite_module
 from uapt.evaluation.generate import (
+    NEAR_TIE,
     ExactSizes,
     InPlaceCache,
     StopTexts,
     UaptLM,
+    difference,
     divergence,
     fast_path_blocker,
     greedy_generate,
@@ -314,6 +317,33 @@ def test_divergence_is_the_reference_margin_at_the_first_difference(tiny_model):
     assert margin == pytest.approx(float(logits[reference[3]] - logits[second]), abs=1e-6)
     assert margin > 0
     assert divergence(tiny_model, prompt, reference, reference[:4]) is None
+
+
+def test_a_difference_at_tied_logits_is_a_near_tie_and_one_at_a_clear_choice_is_not(tiny_model):
+    """What the benchmark counts (generate.difference): give a second token the output-layer row
+    of the reference's token at step 3, so the two logits tie; departing there is a near tie,
+    departing to the least likely token is not."""
+    model = copy.deepcopy(tiny_model)  # the session's model stays untouched
+    prompt = [5, 17, 33, 8]
+    ids = torch.tensor([prompt])
+    reference = greedy_generate(
+        model, ids, torch.ones_like(ids), max_new_tokens=6, eos_ids=[], pad_id=0
+    )[0, 4:].tolist()
+    unused = [t for t in range(3, 200) if t not in prompt and t not in reference]
+    twin, head = unused[0], model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[twin] = head.weight[reference[3]]  # twin is no input: only its logit changes
+        logits = model(input_ids=torch.tensor([prompt + reference[:3]])).logits[0, -1]
+    least = int(logits.argmin())
+    tied = difference(model, prompt, reference, [*reference[:3], twin, 7])
+    # the same weights times the same hidden state: equal up to the order of one dot product's
+    # 64 float32 terms (|logit| < 10 here), far below NEAR_TIE
+    assert tied["token"] == 3 and abs(tied["margin"]) < 1e-5 and tied["near_tie"]
+    clear = difference(model, prompt, reference, [*reference[:3], least])
+    margin = float(logits[reference[3]] - logits[least])  # by hand, from the logits above
+    assert clear["token"] == 3 and clear["margin"] == pytest.approx(margin, abs=1e-6)
+    assert margin > NEAR_TIE and not clear["near_tie"]
+    assert difference(model, prompt, reference, reference) is None
 
 
 # ----------------------------------------------------------------------------- when it steps aside

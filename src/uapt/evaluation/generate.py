@@ -445,6 +445,18 @@ def divergence(
     return index, float(logits[reference[index]] - logits[other[index]])
 
 
+def difference(
+    model: Any, prompt: Sequence[int], reference: Sequence[int], other: Sequence[int]
+) -> dict[str, Any] | None:
+    """Where `other` first departs from `reference` ("token"), the reference's margin there and
+    whether that margin is a near tie (|margin| <= NEAR_TIE); None when they do not depart."""
+    found = divergence(model, prompt, reference, other)
+    if found is None:
+        return None
+    index, margin = found
+    return {"token": index, "margin": margin, "near_tie": abs(margin) <= NEAR_TIE}
+
+
 def special_texts(tokenizer: Any) -> dict[int, str]:
     """Every special token's id and text (those decoding with skip_special_tokens drops)."""
     found = {int(i): str(t.content) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
