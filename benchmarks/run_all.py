@@ -44,6 +44,7 @@ BENCHMARKS = (
     Benchmark("objective_overhead", "objective_overhead.py"),
     Benchmark("trainer_throughput", "trainer_throughput.py"),
     Benchmark("eval_inprocess", "eval_inprocess.py"),
+    Benchmark("eval_generation", "eval_generation.py"),
     Benchmark("grid_walltime", "grid_walltime.py"),
     Benchmark("teacher_topk_gap", "teacher_topk_gap.py"),
     Benchmark("global_selection", "global_selection.py"),
@@ -191,6 +192,33 @@ def rows_eval_inprocess(p: dict[str, Any]) -> list[Row]:
             ]
         )
     return rows
+
+
+def rows_eval_generation(p: dict[str, Any]) -> list[Row]:
+    (r,) = p["results"]
+    total = r["total"]
+    same = (
+        "outputs equal"
+        if not total["differing_samples"]
+        else f"{total['differing_samples']} outputs differ"
+        + (" (near ties)" if total["all_differences_near_ties"] else " (**not near ties**)")
+    )
+    fast = total["samples_per_s"]["fast"]["median"]
+    return [
+        [
+            f"generated samples/s, eval.generate=fast / today's model.generate ({r['model']}, "
+            f"eval={r['suite']}, batch {r['batch_size']})",
+            fmt_spread(total["ratio_fast_over_today"]),
+            f">= {total['ratio_fast_over_today']['target']}",
+            f"{_verdict(total['ratio_fast_over_today'])}; {same}",
+        ],
+        [
+            f"the same / a plain model.generate loop ({r['model']})",
+            fmt_spread(total["ratio_fast_over_plain"]),
+            "(no target)",
+            f"compute bound {total['bound_samples_per_s']:.3g} samples/s, measured {fast:.3g}",
+        ],
+    ]
 
 
 def rows_grid_walltime(p: dict[str, Any]) -> list[Row]:
@@ -345,6 +373,7 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "objective_overhead": rows_objective_overhead,
     "trainer_throughput": rows_trainer_throughput,
     "eval_inprocess": rows_eval_inprocess,
+    "eval_generation": rows_eval_generation,
     "grid_walltime": rows_grid_walltime,
     "loss_memory": rows_loss_memory,
     "teacher_topk_gap": rows_teacher_topk_gap,
@@ -383,6 +412,7 @@ The benchmarks:
 | `objective_overhead.py` | optimizer-step time of `masked_mle_distill` / `mle`, uapt's `Trainer.train_step`, tiny model and SmolLM2-135M-Instruct | live teacher <= 1.40 (ideal ~4/3: one extra forward on a ~3-forward step); cached teacher <= 1.10 |
 | `trainer_throughput.py` | plain-MLE tokens/s of uapt's loop / `transformers.Trainer`, same weights, rows, collate, batch, AdamW, fp32 | >= 1.0 |
 | `eval_inprocess.py` | wall time of `lm-eval run` on a saved model (subprocess, includes start-up, task index and model load) / `uapt.evaluation.run_suite` on the in-memory model, same task (arith); scores and generations must agree | none (how much in-process saves) |
+| `eval_generation.py` | generated samples/s of `eval=repro_real` (lm-eval's gsm8k and ifeval on the real files, SmolLM2-135M-Instruct, batch 32): uapt's greedy loop (`eval.generate=fast`) / today's path (lm-eval's `model.generate`, `eval.generate=hf`) / a plain `model.generate` loop; the compute-bound estimate beside them; per-sample outputs compared, differences checked for near ties | fast / today >= 2 (issue 26) |
 | `grid_walltime.py` | wall time of `uapt-train -m` over 4 objectives x 2 seeds on the tiny model, live vs cached teacher | cached < live |
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
 | `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |

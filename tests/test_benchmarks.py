@@ -139,6 +139,44 @@ def test_eval_inprocess_quick(out_dir):
     )
 
 
+def test_eval_generation_quick(out_dir):
+    payload, stdout = run_quick("eval_generation", out_dir)
+    check_machine(payload)
+    (result,) = payload["results"]
+    assert result["model"] == "tiny" and result["suite"] == "repro_real"
+    tasks = {t["task"]: t for t in result["tasks"]}
+    assert set(tasks) == {"gsm8k", "ifeval"}
+    for t in tasks.values():
+        assert t["samples"] == 3 and t["max_gen_toks"] == 8
+        for clock in ("cpu", "wall"):
+            gen = t["generation_s"][clock]
+            assert len(gen["fast"]) == len(gen["today"]) == len(gen["plain"]) == result["rounds"]
+        cpu, wall = t["generation_s"]["cpu"], t["generation_s"]["wall"]
+        assert t["ratio_fast_over_today"]["median"] == pytest.approx(
+            paired_median(cpu["today"], cpu["fast"])
+        )
+        assert t["wall"]["ratio_fast_over_today"]["median"] == pytest.approx(
+            paired_median(wall["today"], wall["fast"])
+        )
+        assert t["samples_per_s"]["fast"]["median"] == pytest.approx(3 / cpu["fast"][0])
+        # greedy decoding of the same prompts: the same outputs, outcomes and scores
+        assert t["outputs"] == {"differing": [], "outcomes_equal": True, "scores_equal": True}
+        # the loop runs only the prompts' real tokens; lm-eval's model.generate their padding too
+        ran = t["positions_run"]
+        assert ran["fast"]["prefill"] == t["prompt_tokens"] < ran["today"]["prefill"]
+        assert ran["plain"]["prefill"] == ran["today"]["prefill"]
+        flops = t["bound"]["flops"]
+        body, head = result["linear_weights"]["body"], result["linear_weights"]["head"]
+        tokens = t["prompt_tokens"] + t["kept_tokens"]
+        assert flops == 2 * body * tokens + 2 * head * (t["kept_tokens"] + t["samples"])
+        assert t["bound"]["seconds"] == pytest.approx(flops / (result["matmul_gflops"] * 1e9))
+    total = result["total"]
+    assert total["samples"] == 6 and total["differing_samples"] == 0
+    assert total["ratio_fast_over_today"]["target"] == 2.0
+    assert len(run_all.rows_eval_generation(payload)) == 2
+    assert "fast / today" in stdout
+
+
 def test_grid_walltime_quick(out_dir):
     payload, _ = run_quick("grid_walltime", out_dir)
     check_machine(payload)

@@ -40,7 +40,12 @@ NON_SEMANTIC = {
         "compile",  # the same computation, compiled
     },
     "objective": {"chunk_size"},
-    "eval": {"batch_size", "max_batch_size", "log_samples"},
+    "eval": {
+        "batch_size",
+        "max_batch_size",
+        "log_samples",
+        "generate",
+    },  # = evaluation.NON_SEMANTIC
 }
 SEMANTIC_SECTIONS = ("model", "dataset", "objective", "trainer", "eval")
 PACKAGES = (

@@ -35,7 +35,8 @@ def evaluate_lm(
 ) -> dict[str, Any]:
     """Run every task of the suite on an lm-eval LM; {} for the `none` suite or no tasks.
 
-    This is the whole scoring path: run_suite wraps the model in HFLM and calls this.
+    This is the whole scoring path: run_suite wraps the model in an HFLM (generate.UaptLM) and
+    calls this.
     Seeds: lm-eval's defaults (0, 1234, 1234, 1234) shifted by `seed`.
     """
     suite = parse_suite(suite_cfg)
@@ -133,24 +134,32 @@ def run_suite(
     """Evaluate an in-memory model (on `device` already) with a suite: {"eval", "eval_meta"} or {}.
 
     The model goes to eval mode for the duration and back to its previous mode afterwards.
+    Generation tasks decode with uapt's greedy loop unless `eval.generate=hf` (generate.py).
     Per-sample outputs go to <out_dir>/eval_samples/<task>.jsonl when `eval.log_samples` is true.
     """
     suite = parse_suite(suite_cfg)
     if not suite.task_specs:
         return {}
-    from lm_eval.models.huggingface import HFLM
+    from uapt.evaluation.generate import UaptLM
 
     was_training = model.training
     try:
         # simple_evaluate ignores its batch_size for a model object: the HFLM carries it.
-        lm = HFLM(
+        lm = UaptLM(
             pretrained=model,
             tokenizer=tokenizer,
+            generator=suite.generate,
             batch_size=suite.batch_size,
             max_batch_size=suite.max_batch_size,
             max_length=suite.max_length,
         )
-        return evaluate_lm(lm, suite_cfg, out_dir=out_dir, seed=seed, device=str(device))
+        result = evaluate_lm(lm, suite_cfg, out_dir=out_dir, seed=seed, device=str(device))
+        if result:  # which decoding produced the outputs (lm-eval's where the loop would differ)
+            result["eval_meta"]["generation"] = {
+                "generate": suite.generate,
+                "fell_back": dict(lm.fallbacks),
+            }
+        return result
     finally:
         model.train(was_training)
 

@@ -19,6 +19,7 @@ from uapt.schema import (
     ConfigError,
     Section,
     number,
+    one_of,
     option,
     optional,
     satisfies,
@@ -31,7 +32,11 @@ BUILTIN_TASKS = (*GENERATED_TASKS, NLL_TASK)
 DEFAULT_SIZE = {"arith": 64, "ifeval_embedded": 48}  # rows a builtin task generates
 NLL_ONLY = ("prompt_field", "response_field", "max_length")  # TaskSpec keys of the nll task alone
 
-NON_SEMANTIC = ("batch_size", "max_batch_size", "log_samples")  # keys that do not change scores
+# How generation tasks decode: uapt's greedy loop, or lm-eval's model.generate (uapt.evaluation.generate)
+GENERATORS = ("fast", "hf")
+
+# keys that do not change scores (`generate`: both paths give the same outputs, see generate.py)
+NON_SEMANTIC = ("batch_size", "max_batch_size", "log_samples", "generate")
 
 
 def _is_int(v: Any) -> bool:
@@ -160,6 +165,7 @@ class SuiteConfig(Section):
     batch_size: int | str = option(satisfies(_batch_ok, "an integer >= 1, 'auto' or 'auto:N'"))
     max_batch_size: int = option(number(1, integer=True))
     max_length: int | None = option(optional(number(1, integer=True)))
+    generate: str = option(one_of(*GENERATORS))
     limit: int | float | None = option(LIMIT)
     apply_chat_template: bool = option(BOOL)
     fewshot_as_multiturn: bool = option(BOOL)
