@@ -177,6 +177,23 @@ def test_eval_generation_quick(out_dir):
     assert "fast / today" in stdout
 
 
+def test_eval_generation_profile_quick(out_dir):
+    """--profile: both paths' forward seconds by phase within their CPU seconds, the same decoding
+    steps (greedy, the same outputs), and the logits' rounding across batch shapes far below
+    generate.NEAR_TIE."""
+    from uapt.evaluation.generate import NEAR_TIE
+
+    payload, stdout = run_quick("eval_generation", out_dir, "--profile", "ifeval")
+    found = payload["profile"]
+    assert found["task"] == "ifeval" and found["samples"] == 3
+    today, fast = found["paths"]["today"], found["paths"]["fast"]
+    for p in (today, fast):
+        assert 0 < sum(p["forward_s"].values()) <= p["cpu_s"] and p["decode_steps"] > 0
+    assert fast["decode_steps"] <= today["decode_steps"]  # finished rows leave the loop's batch
+    assert found["rounding"]["max_abs_logit_change"] < NEAR_TIE / 100
+    assert "rounding:" in stdout and "fast:" in stdout
+
+
 def test_grid_walltime_quick(out_dir):
     payload, _ = run_quick("grid_walltime", out_dir)
     check_machine(payload)
