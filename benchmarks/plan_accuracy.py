@@ -113,7 +113,7 @@ def step_flops(loop: Any, run: Any, shape: Any, rows: Any) -> float:
 
     from uapt import costs
 
-    one = dataclasses.replace(run.trainer, max_steps=loop.step + 1, eval_every=0)
+    one = dataclasses.replace(run.trainer, max_steps=loop.step + 1, val_every=0)
     cost = costs.train_cost(one, run.objective, shape, rows, run.seed, False, loop.step)
     return cost.flops["student"]
 

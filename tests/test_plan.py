@@ -30,7 +30,7 @@ def fwd(t: int) -> int:
 
 
 def trainer(**changes) -> TrainerConfig:
-    base = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 1, "log_every": 1, "eval_every": 0}
+    base = {"max_steps": 2, "batch_size": 2, "micro_batch_size": 1, "log_every": 1, "val_every": 0}
     return TrainerConfig.parse({**base, **changes})
 
 
@@ -48,7 +48,7 @@ def test_tokens_and_flops_of_mle_packed_match_a_hand_count():
     cost = costs.train_cost(trainer(), objective(), SHAPE, ROWS, seed=0, lora=False)
     assert cost.steps == 2 and cost.tokens == 2 * (4 + 6) and cost.computed == 20
     assert cost.flops["student"] == 3 * 2 * (fwd(4) + fwd(6))  # forward + 2 x backward
-    assert cost.flops["validation"] == fwd(5)  # once, at the end (eval_every=0)
+    assert cost.flops["validation"] == fwd(5)  # once, at the end (val_every=0)
     assert set(cost.flops) == {"student", "validation"}
     assert cost.rows_read == {0, 1}
 
@@ -90,7 +90,7 @@ def test_a_resumed_run_costs_only_the_steps_left():
 
 
 def test_validation_every_n_steps_counts_each():
-    cost = costs.train_cost(trainer(max_steps=4, eval_every=2), objective(), SHAPE, ROWS, 0, False)
+    cost = costs.train_cost(trainer(max_steps=4, val_every=2), objective(), SHAPE, ROWS, 0, False)
     assert cost.flops["validation"] == 2 * fwd(5)  # step 2, and the end (step 4 is the end)
 
 

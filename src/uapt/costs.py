@@ -360,7 +360,7 @@ def _add_probes_and_validation(
             for i in range(0, len(probe), size)
         )
         cost.add("probe", len(logged) * per_probe * scoring_passes)
-    every = trainer.eval_every
+    every = trainer.val_every
     validations = 1 + sum(1 for s in logged if every and s % every == 0 and s < trainer.max_steps)
     batches = range(0, len(rows.val), size)
     if trainer.val_batches:
