@@ -10,7 +10,7 @@ cross-entropy over a strided class dimension 1.4e-4 off; the chunked path gives 
 same value in any batch.) Target: the chunked path at least 1.3x the full-logits samples/s.
 
     python benchmarks/nll_task.py                  # 32 responses, 3 rounds
-    python benchmarks/nll_task.py --quick --json /tmp/nll.json
+    python benchmarks/nll_task.py --quick --json /tmp/nll.json   # tiny model, 8 responses
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     samples = args.samples or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)
-    cfg = compose(["model=smollm2_135m"])
+    cfg = compose([f"model={'tiny' if args.quick else 'smollm2_135m'}"])  # quick: a smoke test
     model_cfg = ModelConfig.parse(cfg["model"])
     tokenizer = load_tokenizer(model_cfg, cfg["cache_dir"])
     model = load_model(model_cfg, tokenizer, cfg["cache_dir"], torch.device("cpu")).eval()
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     speedup = ratio_summary(times["full_logits"], times["chunked"], TARGET, True)
     payload = {
         "benchmark": "nll_task",
+        "model": model_cfg.name,
         "quick": args.quick,
         "machine": machine_info("cpu"),
         "samples": samples,

@@ -50,6 +50,7 @@ BENCHMARKS = (
     Benchmark("global_selection", "global_selection.py"),
     Benchmark("packing", "packing.py"),
     Benchmark("bootstrap_draws", "bootstrap_draws.py"),
+    Benchmark("nll_task", "nll_task.py"),
     Benchmark("plan_accuracy", "plan_accuracy.py"),  # after the ratios its projection reads
     # Owned by its own author. Run here at SmolLM2's head size (vocab 49152, hidden 576) and
     # 1024 tokens: its 256k-vocab default needs > 8 GB free on CPU and minutes per method.
@@ -365,7 +366,20 @@ def rows_plan_accuracy(p: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_nll_task(p: dict[str, Any]) -> list[Row]:
+    return [
+        [
+            f"nll task samples/s, chunked labelled positions / full logits ({p['samples']} IFEval "
+            f"GPT-4 responses, {p.get('model', 'smollm2_135m')})",
+            fmt_spread(p["speedup"]),
+            f">= {p['speedup']['target']}",
+            _verdict(p["speedup"]) + f"; largest difference {p['max_abs_difference']:.1e} nats",
+        ]
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "nll_task": rows_nll_task,
     "plan_accuracy": rows_plan_accuracy,
     "bootstrap_draws": rows_bootstrap_draws,
     "packing": rows_packing,
@@ -417,6 +431,7 @@ The benchmarks:
 | `loss_memory.py` | extra peak memory and time of the loss, naive full logits vs uapt's chunked path (owned separately; run here at SmolLM2's head size, 1024 tokens) | see its docstring |
 | `global_selection.py` | optimizer-step time of `scope=batch` over the whole global batch (a no-grad scoring pass first, since the batch is split into 2 micro-batches) / groups each micro-batch holds whole (selected in the forward), select nll and rho1's excess, tiny and SmolLM2 | none (the cost of the choice; ideal ~1.33 for nll, ~1.25 for excess) |
 | `packing.py` | assistant tokens/s of packed / padded micro-batches (and packed split by a token budget), SmolLM2-135M-Instruct on real GSM8K rows, micro-batch 8, mle and masked_mle_distill; step time of `trainer.compile=true` / eager, tiny and SmolLM2 | packed >= 1.3; compiled <= 0.8 |
+| `nll_task.py` | samples/s of the `nll` eval task (per-sample NLL of reference responses), the output layer on labelled positions only in chunks (uapt) / the model's full [batch, time, vocab] logits, SmolLM2-135M-Instruct on the first 32 IFEval GPT-4 responses; the largest per-sample difference beside | >= 1.3 |
 | `bootstrap_draws.py` | time of one table cell's paired bootstrap interval (3 seeds, 10,000 draws), a loop over draws / `uapt.bootstrap.paired_samples`, at GSM8K's and TruthfulQA MC2's test sizes; the two intervals agree up to Monte Carlo error | >= 10 |
 | `plan_accuracy.py` | the plan's CPU figures (an fp32 matrix product's peak, SmolLM2's training-step MFU on GSM8K rows), its planned training time against whole `uapt-train` runs (tiny on arith, SmolLM2 on GSM8K rows), and the paper grid's projected GPU-hours on H100 with uapt's choices against naive ones priced by the ratios above ([docs/plan.md](plan.md)) | none (report the factors) |
 | `teacher_topk_gap.py` | `objective.teacher=cached`: per-token KL over the teacher's top-k + rest buckets vs the exact KL, and the cosine of their gradients, SmolLM2-135M-Instruct (teacher) vs itself after 4 MLE steps (student) on 32 real GSM8K training rows, k in {16, 64, 256} | none (report the gap; see docs/models.md) |

@@ -387,3 +387,18 @@ def test_published_figures_name_no_path_of_the_machine(tmp_path):
     out = tmp_path / "x.json"
     common.write_json(out, {"json": str(common.REPO / "runs" / "x.json")})
     assert json.loads(out.read_text()) == {"json": "runs/x.json"}
+
+
+def test_nll_task_quick(out_dir):
+    payload, _ = run_quick("nll_task", out_dir)
+    check_machine(payload)
+    seconds, speedup = payload["seconds"], payload["speedup"]
+    assert len(seconds["chunked"]) == len(seconds["full_logits"]) == speedup["n"]
+    assert speedup["median"] == pytest.approx(
+        paired_median(seconds["full_logits"], seconds["chunked"])
+    )
+    assert speedup["met"] == (speedup["median"] >= speedup["target"] == 1.3)
+    # the same NLLs: both paths take a float32 log-softmax of the same hidden states; the full
+    # path's batched cross-entropy is ~1e-4 nats off a float64 reference (module docstring)
+    assert payload["max_abs_difference"] < 1e-3
+    assert len(run_all.rows_nll_task(payload)) == 1
