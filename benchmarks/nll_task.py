@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_env()
     set_threads(args.threads)
     from uapt.evaluation import nll
-    from uapt.evaluation.suite import TaskSpec
-    from uapt.models import ModelConfig, load_model, load_tokenizer
+    from uapt.models import load_model, load_tokenizer
+    from uapt.sections import ModelConfig, TaskSpec
 
     samples = args.samples or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)

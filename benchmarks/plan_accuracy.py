@@ -155,7 +155,7 @@ def measure_mfu(overrides: list[str], n: int, rounds: int, warmup: int) -> dict[
 def predicted_seconds(overrides: list[str], peak: float, mfu: float) -> dict[str, Any]:
     """The plan of one run on `cpu` at this peak and MFU: its training seconds and FLOPs."""
     from uapt import plan, pricing
-    from uapt.devices import PlanConfig
+    from uapt.sections import PlanConfig
 
     run = plan.checked_run(compose(overrides))
     config = PlanConfig(enabled=True, device="cpu", mfu=min(1.0, mfu), peak_tflops=peak)
@@ -218,7 +218,7 @@ def paper_grid_projection() -> dict[str, Any]:
     import yaml
 
     from uapt import plan, pricing
-    from uapt.devices import PlanConfig
+    from uapt.sections import PlanConfig
 
     params = yaml.safe_load((REPO / "sweeps" / "paper_grid.yaml").read_text())["hydra"]["sweeper"][
         "params"

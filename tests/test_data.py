@@ -16,6 +16,7 @@ import torch
 from uapt import data
 from uapt.data import DataError, build_datasets, collate, load_conversations
 from uapt.schema import ConfigError
+from uapt.sections.dataset import validate_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -312,7 +313,7 @@ def test_malformed_jsonl_line_names_file_and_line(tiny_tokenizer, tmp_path):
 )
 def test_config_errors_name_the_key(overrides, message, tiny_tokenizer, tmp_path):
     with pytest.raises(ConfigError) as err:
-        data.validate_dataset(cfg(**overrides))
+        validate_dataset(cfg(**overrides))
     assert message in str(err.value)
     with pytest.raises(ConfigError):
         build_datasets(cfg(**overrides), tiny_tokenizer, 0, tmp_path)

@@ -404,7 +404,8 @@ def test_bad_suite_config_names_the_key(change, message):
 
 
 def test_hub_tasks_resolve_to_lm_eval_configs_without_loading_data():
-    from uapt.evaluation import TaskSpec, task_request
+    from uapt.evaluation import task_request
+    from uapt.sections import TaskSpec
 
     request, manager, is_cfg = task_request(TaskSpec(name="arc_easy", task="arc_easy"))
     assert (request, is_cfg) == ("arc_easy", False) and "arc_easy" in manager.task_index

@@ -393,7 +393,7 @@ def test_generate_is_not_part_of_the_run_id_nor_of_the_base_score_key():
     assert records.run_id(cfg) == records.run_id(other)
     suite = {"name": "embedded", "tasks": ["arith"], "generate": "fast"}
     assert suite_hash(suite) == suite_hash({**suite, "generate": "hf"})
-    assert set(suite_module.NON_SEMANTIC) == records.NON_SEMANTIC["eval"]
+    assert "generate" in records.NON_SEMANTIC["eval"]
 
 
 def test_a_bad_generate_value_names_the_key():

@@ -20,9 +20,18 @@ REASON = "Why this size:"  # a module over MAX_LINES says why, in its docstring
 ROOMS: dict[int, tuple[str, ...]] = {
     0: ("errors", "paths", "distributed", "arith", "bootstrap"),  # no uapt import at all
     1: ("schema", "files", "console", "provenance"),  # + what code made a run (git)
-    2: ("ifeval", "smollm2", "records", "run_lock", "inputs", "sweeps", "objectives", "devices"),
-    3: ("launch", "run_folder", "data", "models", "diff"),  # run folders; model, data; run diffs
-    4: ("fsdp", "packing", "batches", "teacher_cache", "evaluation"),
+    2: ("ifeval", "smollm2", "sections", "run_lock", "inputs", "sweeps", "devices"),  # sections:
+    3: ("records", "objectives", "data", "models"),  # every config section, on the schema only
+    4: (
+        "launch",
+        "run_folder",
+        "diff",
+        "fsdp",
+        "packing",
+        "batches",
+        "teacher_cache",
+        "evaluation",
+    ),
     5: ("checkpoint", "tracking", "table", "costs"),  # costs: what a run will cost (plans)
     6: ("loop", "pricing"),  # the training step and the loop around it; what planned runs cost
     7: ("config", "tune"),  # the edge: a whole run's config, tuning sweeps

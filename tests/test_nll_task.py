@@ -12,8 +12,8 @@ import torch
 from uapt.data import IGNORE_INDEX, tokenize_conversations
 from uapt.evaluation import nll, run_suite, validate_suite
 from uapt.evaluation.outcomes import FILE, aggregate
-from uapt.evaluation.suite import TaskSpec
 from uapt.schema import ConfigError
+from uapt.sections import TaskSpec
 
 ROWS = [
     {"q": "What is 2 + 3?", "a": "2 + 3 = 5.\n#### 5"},

@@ -21,7 +21,6 @@ from uapt.objectives import (
     OutputHead,
     keep_count,
     kept_overlap,
-    needs_teacher,
     select_kept,
     step_counts,
     token_loss,
@@ -29,8 +28,8 @@ from uapt.objectives import (
     token_scores,
     token_scores_chunked,
     valid_mask,
-    validate_objective,
 )
+from uapt.sections.objective import needs_teacher, validate_objective
 
 B, T, V = 3, 7, 6
 

@@ -13,10 +13,9 @@ import pytest
 from helpers import TINY, compose_run
 
 from uapt import costs, diff, files, plan, records
-from uapt.devices import DEVICES, PlanConfig, rate
-from uapt.loop import TrainerConfig
-from uapt.objectives import ObjectiveSpec
+from uapt.devices import DEVICES, rate
 from uapt.schema import ConfigError
+from uapt.sections import ObjectiveSpec, PlanConfig, TrainerConfig
 
 NO_DATA = [a for a in TINY if not a.startswith("dataset")]  # the tiny run, for other data
 
@@ -108,7 +107,7 @@ NLL_ROWS = [("What is 2 + 3?", "It is 5."), ("Name a colour.", "Blue, the colour
 
 
 def nll_spec(tmp_path: Path, **extra):
-    from uapt.evaluation.suite import TaskSpec
+    from uapt.sections import TaskSpec
 
     path = tmp_path / "nll.jsonl"
     path.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in NLL_ROWS))

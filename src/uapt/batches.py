@@ -29,7 +29,8 @@ import torch
 
 from uapt import distributed
 from uapt.data import collate
-from uapt.objectives import Counts, ObjectiveSpec, select_kept, step_counts, valid_mask
+from uapt.objectives import Counts, select_kept, step_counts, valid_mask
+from uapt.sections.objective import ObjectiveSpec
 
 Batch = dict[str, torch.Tensor]
 ScoreFn = Callable[[Batch], torch.Tensor]  # a micro-batch on its device -> scores [B, T]

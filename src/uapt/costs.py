@@ -25,10 +25,8 @@ from typing import Any
 
 from uapt import smollm2
 from uapt.batches import BatchStream, selection_spans
-from uapt.data import DatasetConfig
 from uapt.errors import UserError
-from uapt.models import ModelConfig
-from uapt.objectives import ObjectiveSpec
+from uapt.sections import DatasetConfig, ModelConfig, ObjectiveSpec
 
 log = logging.getLogger("uapt")
 
@@ -470,7 +468,7 @@ def _jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def task_cost(spec: Any, tokenizer: Any | None, system: str | None = None) -> TaskCost | None:
-    """The cost of one eval task (a checked uapt.evaluation.suite.TaskSpec); None when uapt
+    """The cost of one eval task (a checked uapt.sections.eval.TaskSpec); None when uapt
     cannot tell (a task it has no figures for). `system`: the suite's system instruction."""
     how = None if tokenizer is not None else f"tokens = characters/{CHARS_PER_TOKEN}"
     if spec.is_nll:

@@ -21,33 +21,20 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from uapt import files
 from uapt.errors import UserError
-from uapt.schema import (
-    STRING,
-    TEXT,
-    ConfigError,
-    Section,
-    number,
-    one_of,
-    option,
-    optional,
-    satisfies,
-)
+from uapt.schema import ConfigError
+from uapt.sections.dataset import SYNTHETIC, DatasetConfig, check_local, is_local
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMATS = ("qa", "alpaca", "sharegpt")
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-SYNTHETIC = "synthetic"
 ARITH_SEED = 0  # the eval suites' arith task uses seed 0: its test rows are disjoint from these
 ENCODE_BATCH = 256  # conversations tokenised per call of the (Rust, batched) tokenizer
 LABEL_RECIPE = "spans-v1"  # bump when tokenisation or labelling changes (invalidates the cache)
@@ -66,84 +53,12 @@ ROLES = {
 }
 
 
-def _val_size_ok(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    return (isinstance(v, int) and v >= 0) or (isinstance(v, float) and 0 <= v < 1)
-
-
-def _data_files_ok(v: Any) -> bool:
-    return isinstance(v, str | list | tuple | Mapping)
-
-
 class DataError(UserError):
     """Bad data: the message names the file (and line or row) or the source."""
 
 
-# ----------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class DatasetConfig(Section):
-    """`dataset.*`, checked (conf/dataset/base.yaml says what each key does)."""
-
-    SECTION: ClassVar[str] = "dataset"
-    DEFAULTS: ClassVar[str] = "dataset/base.yaml"
-
-    name: str = option(TEXT)
-    source: str = option(TEXT)
-    subset: str | None = option(optional(TEXT))
-    split: str = option(TEXT)
-    data_files: Any = option(optional(satisfies(_data_files_ok, "a file name, list or mapping")))
-    format: str = option(one_of(*FORMATS))
-    prompt_field: str = option(TEXT)
-    response_field: str = option(TEXT)
-    conversations_field: str = option(TEXT)
-    system_prompt: str | None = option(optional(STRING))
-    max_samples: int | None = option(optional(number(1, integer=True)))
-    shuffle_seed: int | None = option(optional(number(integer=True)))
-    val_size: int | float = option(
-        satisfies(_val_size_ok, "an integer >= 0 (rows) or a fraction in [0, 1)")
-    )
-    max_length: int = option(number(2, integer=True))
-    num_train: int | None = option(optional(number(1, integer=True)))
-
-    def check(self, where: str) -> None:
-        if self.source == SYNTHETIC:
-            if self.num_train is None:
-                raise ConfigError("dataset.num_train is required when dataset.source=synthetic")
-            if self.format != "qa":
-                raise ConfigError(
-                    f"dataset.format={self.format!r}: source=synthetic yields qa rows"
-                )
-        elif self.num_train is not None:
-            raise ConfigError("dataset.num_train only applies to dataset.source=synthetic (arith)")
-        elif _is_local(self.source):
-            _check_local(self.source)
-
-
-def validate_dataset(node: Mapping[str, Any]) -> None:
-    """Raise ConfigError naming the first bad `dataset.*` key."""
-    _config(node)
-
-
 def _config(node: Mapping[str, Any] | DatasetConfig) -> DatasetConfig:
     return DatasetConfig.parse(node)
-
-
-def _is_local(source: str) -> bool:
-    return (
-        source.endswith(LOCAL_SUFFIXES)
-        or source.startswith(("/", "./", "../", "~"))
-        or Path(source).exists()
-    )
-
-
-def _check_local(source: str) -> Path:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ConfigError(f"dataset.source: file not found: {source}")
-    if not path.is_file() or path.suffix not in LOCAL_SUFFIXES:
-        raise ConfigError(f"dataset.source: {source} is not a .json, .jsonl or .parquet file")
-    return path
 
 
 # ----------------------------------------------------------------------------- rows
@@ -152,8 +67,8 @@ def _read_rows(cfg: DatasetConfig) -> Iterator[tuple[str, Any]]:
     source = cfg.source
     if source == SYNTHETIC:
         yield from _synthetic_rows(cfg)
-    elif _is_local(source):
-        yield from _local_rows(_check_local(source))
+    elif is_local(source):
+        yield from _local_rows(check_local(source))
     else:
         yield from _hub_rows(cfg)
 

@@ -1,5 +1,6 @@
 """Device kinds the plan prices time on: each one's peak FLOP/s and the MFU the plan assumes,
-with where each figure comes from; and `plan.*`, the config section that asks for the plan.
+with where each figure comes from (`plan.*`, the config section that asks for the plan, is
+uapt.sections.plan).
 
     uapt-train sweep=paper_grid plan=on plan.device=h100 [plan.mfu=0.4] [plan.peak_tflops=...]
 
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
-from uapt.schema import BOOL, ConfigError, Section, interval, number, one_of, option, optional
+from uapt.schema import ConfigError
+
+if TYPE_CHECKING:
+    from uapt.sections.plan import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -81,29 +85,6 @@ DEVICES: dict[str, Device] = {
     ),
 }
 GPU_NAMES = {"H100": "h100", "H200": "h200", "A100": "a100"}  # torch's device name -> kind
-
-
-@dataclass(frozen=True)
-class PlanConfig(Section):
-    """`plan.*` (conf/plan/base.yaml): the plan instead of the launch, and its device."""
-
-    SECTION: ClassVar[str] = "plan"
-    DEFAULTS: ClassVar[str] = "plan/base.yaml"
-
-    enabled: bool = option(BOOL)
-    device: str = option(one_of("auto", *DEVICES))
-    mfu: float | None = option(optional(interval(0, 1, lo_open=True)))
-    peak_tflops: float | None = option(optional(number(0, lo_open=True)))
-
-    def check(self, where: str) -> None:
-        if self.enabled:
-            return
-        given = [k for k in ("mfu", "peak_tflops") if getattr(self, k) is not None]
-        given += ["device"] if self.device != "auto" else []
-        if given:
-            raise ConfigError(
-                f"plan.{given[0]} is set but the plan is off: add plan=on to see the plan"
-            )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,81 +49,10 @@ from uapt.objectives import (
     kept_overlap,
     output_head,
 )
-from uapt.schema import (
-    BOOL,
-    ConfigError,
-    Section,
-    is_number,
-    number,
-    one_of,
-    option,
-    optional,
-    satisfies,
-)
+from uapt.sections.trainer import TrainerConfig
 from uapt.tracking import Tracker
 
 log = logging.getLogger("uapt")
-
-
-def _device_ok(v: Any) -> bool:
-    return v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:")
-
-
-def _betas_ok(v: Any) -> bool:
-    return len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)
-
-
-@dataclass(frozen=True)
-class TrainerConfig(Section):
-    """`trainer.*`, checked (conf/trainer/default.yaml says what each key does)."""
-
-    SECTION: ClassVar[str] = "trainer"
-    DEFAULTS: ClassVar[str] = "trainer/default.yaml"
-    # eval_every scheduled the validation loss, not the eval= suite (its id contribution keeps
-    # the old name: uapt.records.HASHED_AS)
-    RENAMED: ClassVar[Mapping[str, str]] = {"eval_every": "val_every"}
-
-    max_steps: int = option(number(1, integer=True))
-    batch_size: int = option(number(1, integer=True))
-    micro_batch_size: int = option(number(1, integer=True))
-    lr: float = option(number(0, lo_open=True))
-    weight_decay: float = option(number(0))
-    betas: tuple[float, float] = option(satisfies(_betas_ok, "two numbers in [0, 1)"))
-    warmup_steps: int = option(number(0, integer=True))
-    min_lr_ratio: float = option(number(0, 1))
-    grad_clip: float = option(number(0))
-    precision: str = option(one_of("fp32", "bf16"))
-    device: str = option(satisfies(_device_ok, "auto, cpu, cuda or cuda:N"))
-    log_every: int = option(number(1, integer=True))
-    val_every: int = option(number(0, integer=True))
-    val_batches: int | None = option(optional(number(1, integer=True)))
-    deterministic: bool = option(BOOL)
-    checkpoint_every: int = option(number(0, integer=True))
-    keep_checkpoints: int = option(number(1, integer=True))
-    save_model: bool = option(BOOL)
-    nproc: int = option(number(1, integer=True))
-    fsdp: bool = option(BOOL)
-    packing: bool = option(BOOL)
-    max_tokens_per_micro_batch: int | None = option(optional(number(1, integer=True)))
-    compile: str | bool = option(one_of("auto", True, False))
-
-    def check(self, where: str) -> None:
-        accumulation_steps(self, 1)  # the global batch splits into whole micro-batches
-
-    def accumulation(self, world_size: int) -> int:
-        return accumulation_steps(self, world_size)
-
-
-def accumulation_steps(trainer: TrainerConfig, world_size: int) -> int:
-    """Micro-batches per step on each of `world_size` ranks (ConfigError when they do not
-    divide the global batch)."""
-    per_step = trainer.micro_batch_size * world_size
-    if trainer.batch_size % per_step:
-        raise ConfigError(
-            f"trainer.batch_size={trainer.batch_size} must be a multiple of "
-            f"trainer.micro_batch_size x ranks = {per_step}"
-        )
-    return trainer.batch_size // per_step
 
 
 def eval_batches(dataset: Any, size: int, pad_id: int, limit: int | None) -> Iterator[dict]:

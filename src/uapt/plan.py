@@ -28,12 +28,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from uapt import checkpoint, diff, files, inputs, pricing, records, run_lock, sweeps, tune
-from uapt.config import RunConfig, validate
+from uapt.config import validate
 from uapt.console import setup_logging
-from uapt.devices import PlanConfig, rate
+from uapt.devices import rate
 from uapt.errors import UserError
 from uapt.pricing import Costing, PointCost
 from uapt.schema import ConfigError
+from uapt.sections import PlanConfig, RunConfig
 
 log = logging.getLogger("uapt")
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uapt import costs
-from uapt.devices import PlanConfig, Rate, rate
+from uapt.devices import Rate, rate
 from uapt.errors import UserError
 from uapt.evaluation.run import base_scores_path
 from uapt.models import model_fingerprint
 
 if TYPE_CHECKING:
-    from uapt.config import RunConfig
+    from uapt.sections import PlanConfig, RunConfig
 
 
 @dataclass

@@ -6,6 +6,7 @@ trains twice and a re-launched sweep finds its finished points. See docs/run_rec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -17,37 +18,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from uapt import files, provenance
+from uapt import files, provenance, schema
 from uapt.paths import publishable
+from uapt.sections.run import RunConfig
 
-# Keys that change how a run is executed or observed, not what it computes: every token mean
-# is taken over the optimizer step's global batch, however it is split into micro-batches and
-# ranks (uapt.batches), so micro_batch_size, nproc and fsdp do not change the numbers (nor the
-# device type: selection noise is drawn on the CPU). micro_batch_size is not dropped but
-# canonicalised (see semantic_config).
+# The run id's keys, from the sections' declarations (uapt.sections): a top-level key or a
+# section's key enters the id unless it is declared `semantic=False` (how a run is executed or
+# observed, not what it computes); micro_batch_size is not dropped but canonicalised (see
+# semantic_config). NON_SEMANTIC: the sections' dropped keys, by section.
+SEMANTIC_KEYS = {name: f for name, f in schema.options(RunConfig).items() if f.metadata["semantic"]}
+SEMANTIC_SECTIONS = tuple(k for k, f in SEMANTIC_KEYS.items() if f.metadata["section"] is not None)
 NON_SEMANTIC = {
-    "trainer": {
-        "device",
-        "log_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "nproc",
-        "fsdp",
-        "val_batches",
-        "save_model",
-        "packing",  # the same rows without padding: the same numbers
-        "max_tokens_per_micro_batch",  # another split of the same global batch
-        "compile",  # the same computation, compiled
-    },
-    "objective": {"chunk_size"},
-    "eval": {
-        "batch_size",
-        "max_batch_size",
-        "log_samples",
-        "generate",
-    },  # = evaluation.NON_SEMANTIC
+    name: dropped
+    for name in SEMANTIC_SECTIONS
+    if (dropped := schema.non_semantic(SEMANTIC_KEYS[name].metadata["section"]))
 }
-SEMANTIC_SECTIONS = ("model", "dataset", "objective", "trainer", "eval")
 PACKAGES = (
     "uapt",
     "torch",
@@ -64,17 +49,31 @@ PACKAGES = (
 
 def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that determines a run's results."""
-    out: dict[str, Any] = {"seed": cfg["seed"]}
-    for section in SEMANTIC_SECTIONS:
-        node = dict(cfg.get(section) or {})
-        for key in NON_SEMANTIC.get(section, ()):
-            node.pop(key, None)
-        out[section] = node
+    out: dict[str, Any] = {}
+    for name, f in SEMANTIC_KEYS.items():
+        if f.metadata["section"] is not None:  # a section: its semantic keys (none is absent)
+            out[name] = _semantic_keys(f.metadata["section"], cfg.get(name) or {})
+        elif f.default is dataclasses.MISSING:  # a required key (the seed)
+            out[name] = cfg[name]
+        elif cfg.get(name):  # an optional key counts when given (`inputs`: uapt.inputs)
+            out[name] = dict(cfg[name]) if isinstance(cfg[name], Mapping) else cfg[name]
     _drop_unused_teacher_keys(out["objective"])
     _canonical_batch_keys(out)
     _hashed_under_old_names(out)
-    if cfg.get("inputs"):  # content fingerprints of local data and models (uapt.inputs)
-        out["inputs"] = dict(cfg["inputs"])
+    return out
+
+
+def _semantic_keys(section: type[schema.Section], node: Mapping[str, Any]) -> dict[str, Any]:
+    """`node` without the keys `section` declares non-semantic (a key it does not know, e.g. an
+    old record's, is kept: it was hashed when the record was made)."""
+    fields = schema.options(section)
+    out = {}
+    for key, value in node.items():
+        f = fields.get(key)
+        if f is not None and not f.metadata["semantic"]:
+            continue
+        nested = f.metadata["section"] if f is not None else None
+        out[key] = _semantic_keys(nested, value) if nested and isinstance(value, Mapping) else value
     return out
 
 
@@ -97,9 +96,14 @@ def _canonical_batch_keys(semantic: dict[str, Any]) -> None:
         objective["semantics"] = 2
 
 
-# Renamed keys, new name -> the name a run's id hashes them under: the name they had when the
-# committed records were made, so that a renamed key changes no id.
-HASHED_AS = {"trainer": {"val_every": "eval_every"}}
+# Renamed keys, new name -> the name a run's id hashes them under (declared `hashed_as` on the
+# field): the name they had when the committed records were made, so that a renamed key changes
+# no id.
+HASHED_AS = {
+    name: renamed
+    for name in SEMANTIC_SECTIONS
+    if (renamed := schema.hashed_as(SEMANTIC_KEYS[name].metadata["section"]))
+}
 
 
 def _hashed_under_old_names(semantic: dict[str, Any]) -> None:

@@ -108,11 +108,25 @@ def option(
     section: type[Section] | None = None,
     convert: Callable[[Any], Any] | None = None,
     default: Any = dataclasses.MISSING,
+    semantic: bool = True,
+    hashed_as: str | None = None,
 ) -> Any:
     """A section field: the values it accepts, how an accepted value is stored (e.g. float for a
     number written as an int), and, for a nested section, its class. `default` is for sections
-    without a YAML file (the entries of a list, like an eval suite's tasks)."""
-    metadata = {"check": check, "section": section, "convert": convert}
+    without a YAML file (the entries of a list, like an eval suite's tasks).
+
+    `semantic=False`: the key changes how a run is executed or observed, not what it computes,
+    so it does not enter the run's id (uapt.records.semantic_config). A key is semantic unless it
+    says otherwise: an undecided key splits ids, it never merges two different runs.
+    `hashed_as`: the name the id hashes a renamed key under (its old one), so a rename changes no
+    id."""
+    metadata = {
+        "check": check,
+        "section": section,
+        "convert": convert,
+        "semantic": semantic,
+        "hashed_as": hashed_as,
+    }
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -145,7 +159,7 @@ class Section:
         where = cls.SECTION if where is None else where
         if not isinstance(node, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {type(node).__name__}")
-        fields = _options(cls)
+        fields = options(cls)
         unknown = [str(k) for k in node if k not in fields]
         renamed = [k for k in unknown if k in cls.RENAMED]
         if renamed:
@@ -171,15 +185,29 @@ class Section:
         """Rules across keys; raise ConfigError naming the keys (under `where`). None by default."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: _plain(getattr(self, name)) for name in _options(type(self))}
+        return {name: _plain(getattr(self, name)) for name in options(type(self))}
 
 
-def _options(cls: type) -> dict[str, dataclasses.Field]:
+def options(cls: type) -> dict[str, dataclasses.Field]:
     """The fields that are config keys (made with `option`), by name."""
     return {
         f.name: f
         for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         if "check" in f.metadata
+    }
+
+
+def non_semantic(cls: type) -> frozenset[str]:
+    """The keys of a section declared `semantic=False` (they do not enter a run's id)."""
+    return frozenset(name for name, f in options(cls).items() if not f.metadata["semantic"])
+
+
+def hashed_as(cls: type) -> dict[str, str]:
+    """A section's renamed keys, new name -> the old name a run's id hashes them under."""
+    return {
+        name: f.metadata["hashed_as"]
+        for name, f in options(cls).items()
+        if f.metadata["hashed_as"] is not None
     }
 
 

@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from uapt import files
 from uapt.data import collate
 from uapt.models import hidden_states
-from uapt.objectives import ObjectiveSpec, TeacherTopK, output_head, teacher_topk, valid_mask
+from uapt.objectives import TeacherTopK, output_head, teacher_topk, valid_mask
 from uapt.paths import CACHE_MARK
+from uapt.sections.objective import ObjectiveSpec
 
 log = logging.getLogger(__name__)
 FORMAT = "v1"  # bump when what a row file holds changes

@@ -20,12 +20,11 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from uapt.records import run_summary
-from uapt.schema import TEXT, Section, one_of, option, optional, satisfies
+from uapt.sections.logger import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +92,6 @@ def log_eval_results(wandb_run: Any, results: Mapping[str, Any]) -> None:
     wandb_run.summary["eval/results"] = wandb.Table(
         columns=EVAL_TABLE_COLUMNS, data=result_rows(results)
     )
-
-
-def _tags_ok(v: Any) -> bool:
-    return isinstance(v, list | tuple) and all(isinstance(t, str) for t in v)
-
-
-@dataclass(frozen=True)
-class LoggerConfig(Section):
-    """`logger.*`, checked (conf/logger/wandb.yaml says what each key does; `logger=none` sets
-    only the name)."""
-
-    SECTION: ClassVar[str] = "logger"
-    DEFAULTS: ClassVar[str] = "logger/wandb.yaml"
-
-    name: str = option(one_of("wandb", "none"))
-    mode: str = option(one_of("offline", "online", "disabled"))
-    project: str = option(TEXT)
-    entity: str | None = option(optional(TEXT))
-    group: str | None = option(optional(TEXT))
-    tags: tuple[str, ...] = option(satisfies(_tags_ok, "a list of strings"))
-    dir: str = option(TEXT)
-
-    @property
-    def wandb(self) -> bool:
-        return self.name == "wandb" and self.mode != "disabled"
 
 
 class Tracker:

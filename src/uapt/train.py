@@ -43,7 +43,7 @@ from uapt import (
     tune,
 )
 from uapt.batches import BatchStream
-from uapt.config import RunConfig, refuse_renamed_keys
+from uapt.config import refuse_renamed_keys
 from uapt.console import setup_logging
 from uapt.data import build_datasets
 from uapt.errors import UserError, show_traceback
@@ -51,7 +51,6 @@ from uapt.evaluation import outcomes
 from uapt.loop import (
     Interrupted,
     Trainer,
-    TrainerConfig,
     resume,
     run_loop,
     validation_loss,
@@ -67,6 +66,7 @@ from uapt.objectives import Objective
 from uapt.packing import check_packing, use_rows_attention
 from uapt.paths import CONF_DIR, publishable
 from uapt.schema import ConfigError
+from uapt.sections import RunConfig, TrainerConfig
 from uapt.sweeps import in_multirun, record_outcome
 from uapt.tracking import Tracker
 

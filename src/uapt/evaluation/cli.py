@@ -14,7 +14,7 @@ from uapt.paths import CONF_DIR
 from uapt.schema import ConfigError
 
 if TYPE_CHECKING:
-    from uapt.models import ModelConfig
+    from uapt.sections.model import ModelConfig
 
 log = logging.getLogger("uapt.evaluation")
 
@@ -82,7 +82,8 @@ def load_for_eval(
     """(model, tokenizer) from the model config, or from a checkpoint folder of that model:
     a saved Hugging Face model (config.json), a PEFT adapter (adapter_config.json) or bare
     weights (model.safetensors) for the architecture `model_cfg` describes."""
-    from uapt.models import ModelConfig, load_model, load_tokenizer
+    from uapt.models import load_model, load_tokenizer
+    from uapt.sections.model import ModelConfig
 
     model_cfg = ModelConfig.parse(model_cfg)
     if checkpoint is None:
@@ -138,7 +139,7 @@ def evaluate_cli(
     """uapt-eval's body on a resolved config; returns the exit status."""
     from rich.console import Console
 
-    from uapt.config import RunConfig  # the edge: every section checked before any loading
+    from uapt.sections.run import RunConfig  # the edge: every section checked before any loading
 
     try:
         run = RunConfig.parse(cfg)

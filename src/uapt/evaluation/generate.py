@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 
-from uapt.evaluation.suite import GENERATORS
+from uapt.sections.eval import GENERATORS
 
 log = logging.getLogger("uapt.evaluation")
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from uapt.data import IGNORE_INDEX, DataError, tokenize_conversations
-from uapt.evaluation.suite import TaskSpec
+from uapt.sections.eval import TaskSpec
 
 log = logging.getLogger("uapt.evaluation")
 

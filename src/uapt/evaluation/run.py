@@ -12,15 +12,15 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from uapt import console
 from uapt.evaluation import outcomes
-from uapt.evaluation.suite import NON_SEMANTIC, parse_suite
+from uapt.evaluation.suite import parse_suite
 from uapt.evaluation.tasks import lm_eval_version, task_request
-
-if TYPE_CHECKING:
-    from uapt.models import ModelConfig
+from uapt.schema import non_semantic
+from uapt.sections.eval import SuiteConfig
+from uapt.sections.model import ModelConfig
 
 log = logging.getLogger("uapt.evaluation")
 
@@ -239,8 +239,9 @@ def score_delta(
 
 
 def suite_hash(suite_cfg: Mapping[str, Any]) -> str:
-    """Identity of what a suite computes (not batch size or sample logging), with lm-eval's version."""
-    node = {k: v for k, v in _plain(suite_cfg).items() if k not in NON_SEMANTIC}
+    """Identity of what a suite computes (its semantic keys: not batch size or sample logging),
+    with lm-eval's version."""
+    node = {k: v for k, v in _plain(suite_cfg).items() if k not in non_semantic(SuiteConfig)}
     blob = json.dumps({"suite": node, "lm_eval": lm_eval_version()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -254,7 +255,7 @@ def base_scores_path(
     inputs: Mapping[str, str] | None = None,
 ) -> Path:
     """Where the initial model's scores on a suite are cached (see base_scores)."""
-    from uapt.models import ModelConfig, model_fingerprint
+    from uapt.models import model_fingerprint
 
     model = ModelConfig.parse(model_cfg)
     key = f"{model_fingerprint(model)}-{suite_hash(suite_cfg)}"

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from uapt.evaluation.suite import BUILTIN_TASKS, DEFAULT_SIZE, TaskSpec
 from uapt.schema import ConfigError
+from uapt.sections.eval import BUILTIN_TASKS, DEFAULT_SIZE, TaskSpec
 
 
 def lm_eval_version() -> str:

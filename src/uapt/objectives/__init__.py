@@ -2,7 +2,7 @@
 
 Read top-down:
 
-- `spec`: `objective.*` validated into an ObjectiveSpec (defaults: conf/objective/base.yaml);
+- `objective.*`, validated into an ObjectiveSpec, is a config section: uapt.sections.objective;
 - `positions`: the valid label positions, the rows predicting them, the compute precision;
 - `selection`: the kept set (scores ranked per sequence or group, K = ceil((1 - rho) n)) and a
   global batch's token counts;
@@ -31,7 +31,7 @@ from uapt.objectives.objective import (
     token_scores,
     token_scores_chunked,
 )
-from uapt.objectives.positions import valid_mask
+from uapt.objectives.positions import IGNORE_INDEX, valid_mask
 from uapt.objectives.selection import (
     Counts,
     keep_count,
@@ -39,22 +39,12 @@ from uapt.objectives.selection import (
     select_kept,
     step_counts,
 )
-from uapt.objectives.spec import (
-    DEFAULTS,
-    IGNORE_INDEX,
-    ObjectiveSpec,
-    needs_teacher,
-    parse_objective,
-    validate_objective,
-)
 
 __all__ = [
-    "DEFAULTS",
     "IGNORE_INDEX",
     "Counts",
     "Hidden",
     "Objective",
-    "ObjectiveSpec",
     "OutputHead",
     "TeacherTopK",
     "TokenLoss",
@@ -62,9 +52,7 @@ __all__ = [
     "divergence_rows",
     "keep_count",
     "kept_overlap",
-    "needs_teacher",
     "output_head",
-    "parse_objective",
     "select_kept",
     "step_counts",
     "teacher_topk",
@@ -73,5 +61,4 @@ __all__ = [
     "token_scores",
     "token_scores_chunked",
     "valid_mask",
-    "validate_objective",
 ]

@@ -8,7 +8,7 @@ from uapt.objectives.divergences import TeacherTopK
 from uapt.objectives.fused import FusedConstants, FusedHeadLoss, fused_pass, nll_pass, score_pass
 from uapt.objectives.head import Hidden, OutputHead
 from uapt.objectives.positions import attached_zero, compute_dtype, label_positions
-from uapt.objectives.spec import ObjectiveSpec
+from uapt.sections.objective import ObjectiveSpec
 
 
 class HiddenPath:

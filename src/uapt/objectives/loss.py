@@ -6,7 +6,7 @@ import torch
 
 from uapt.objectives.divergences import TeacherTopK, cached_buckets, divergence_rows
 from uapt.objectives.positions import attached_zero, label_positions, upcast
-from uapt.objectives.spec import ObjectiveSpec
+from uapt.sections.objective import ObjectiveSpec
 
 
 class LogitsPath:

@@ -20,7 +20,7 @@ from uapt.objectives.selection import (
     select_kept,
     selection_scores,
 )
-from uapt.objectives.spec import ObjectiveSpec, parse_objective
+from uapt.sections.objective import ObjectiveSpec, parse_objective
 
 # Tokens per chunk of the chunked path when neither the call nor objective.chunk_size sets one.
 DEFAULT_CHUNK_SIZE = 1024

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from uapt.objectives.spec import IGNORE_INDEX
+IGNORE_INDEX = -100  # a label position without a target (transformers' convention)
 
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from uapt.objectives.spec import ObjectiveSpec, parse_objective
+from uapt.sections.objective import ObjectiveSpec, parse_objective
 
 # rho is read as the nearest fraction with a denominator up to this, so that K is exact integer
 # math: (1 - 0.7) * 10 is 3, not ceil(3.0000000000000004) = 4.

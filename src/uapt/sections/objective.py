@@ -1,4 +1,5 @@
-"""The objective's configuration: `objective.*` validated into an ObjectiveSpec (defaults: conf/objective/base.yaml)."""
+"""`objective.*` (conf/objective/base.yaml): every knob of the token-level objective, validated
+into an ObjectiveSpec. The objective on tensors is uapt.objectives."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ from uapt.schema import (
     option,
     optional,
 )
-
-IGNORE_INDEX = -100
 
 SELECTS = ("nll", "excess", "entropy", "random")
 SCOPES = ("sequence", "batch")
@@ -47,7 +46,8 @@ class ObjectiveSpec(Section):
     jsd_beta: float = option(interval(0, 1, lo_open=True, hi_open=True), convert=float)
     temperature: float = option(number(0, lo_open=True), convert=float)
     distill_on: str = option(one_of(*DISTILL_ONS))
-    chunk_size: int | None = option(optional(number(0, integer=True)))
+    # the same loss, computed chunk by chunk from hidden states (not what it computes)
+    chunk_size: int | None = option(optional(number(0, integer=True)), semantic=False)
     teacher: str = option(one_of(*TEACHERS))
     teacher_topk: int = option(number(1, integer=True))
 
