@@ -10,7 +10,7 @@ completed are counted and reported, never aggregated; expected cells without res
 
 - `spec`: the experiment file, checked (`values`: paths, YAML with lines, constants);
 - `aggregate` (with `cells`, `intervals`, `adjust`, `mixing`): the arithmetic of the table;
-- `render`, `plots`: text and figures;
+- `render`, `plots`: text and figures; `wandb_run`: the table as a W&B run (`--wandb`);
 - `cli`: the command (the console script's module, not imported here: nothing that imports the
   table's data loads its command). Run records are read by uapt.records (load_runs), next to
   where they are written.
