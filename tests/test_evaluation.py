@@ -14,16 +14,15 @@ from omegaconf import OmegaConf
 
 from uapt.evaluation import (
     base_scores,
-    evaluate_cli,
     evaluate_lm,
     flatten_results,
-    load_for_eval,
     run_suite,
     score_delta,
     suite_hash,
     suite_tasks,
     validate_suite,
 )
+from uapt.evaluation.cli import evaluate_cli, load_for_eval
 from uapt.schema import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,6 @@ from uapt.table import (
     build_table,
     load_runs,
     load_table_spec,
-    main,
     make_plots,
     split_path,
     to_csv,
@@ -29,6 +28,7 @@ from uapt.table import (
     to_markdown,
     to_text,
 )
+from uapt.table.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"

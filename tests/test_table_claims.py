@@ -15,8 +15,9 @@ import pytest
 from scipy.stats import false_discovery_control
 from test_table import EXPERIMENT, RUNS, _ci_runs
 
-from uapt.table import build_table, load_runs, load_table_spec, main, to_markdown
+from uapt.table import build_table, load_runs, load_table_spec, to_markdown
 from uapt.table.adjust import adjusted
+from uapt.table.cli import main
 
 GEMMA = ("gemma2_2b", "alpaca")
 

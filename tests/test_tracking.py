@@ -16,18 +16,13 @@ import pytest
 from helpers import REPO, TINY, env, records, run_cli, train
 from wandb_records import BLOCK, FIRST, LAST, MIDDLE, OfflineRun, chunks, offline_run_file, read_run
 
+from uapt.errors import one_line
 from uapt.evaluation import result_rows
 from uapt.table import build_table, grid, load_runs, load_table_spec
 from uapt.table.render import _md_escape
-from uapt.tracking import log_eval_results, one_line, tags
-from uapt.wandb_report import (
-    build_workspace,
-    first_hop,
-    read_workspace,
-    study_target,
-    table_run_id,
-    write_workspace,
-)
+from uapt.table.wandb_run import study_target, table_run_id
+from uapt.tracking import log_eval_results, tags
+from uapt.wandb_report import build_workspace, first_hop, read_workspace, write_workspace
 
 EXPERIMENT = "wbtest"
 OBJECTIVES = ("mle", "masked_mle_distill")

@@ -18,3 +18,10 @@ class UserError(ValueError):
 def show_traceback() -> bool:
     """Whether the user asked for tracebacks of user errors too."""
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "UAPT_DEBUG"))
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`: an error of W&B spans lines (hints, tracebacks of its
+    service), and a failure of an observer must not take more than one line of the log."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

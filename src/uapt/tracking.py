@@ -1,8 +1,8 @@
 """Tracking: metrics.jsonl in the run folder (always) and W&B (offline by default, never required).
 
 Tracking observes and never decides: a W&B failure is one warning line and training goes on.
-W&B reporting lives here only; evaluation and tables hand over plain data (uapt.wandb_report
-logs a study's table).
+A run's W&B reporting lives here only; evaluation hands over plain data (a study's table as a
+W&B run: uapt.table.wandb_run; its workspace: uapt.wandb_report).
 
 What a run shows in W&B (so that dashboards read right without configuration):
 - config: the flat keys of records.run_summary (model, dataset, objective, variant, mask_ratio,
@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from uapt.errors import one_line
 from uapt.records import run_summary
 from uapt.sections.logger import LoggerConfig
 
@@ -40,13 +41,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no nan/inf; keep them visible
     return value
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: first line of the message`: W&B's errors span lines (hints, tracebacks of its
-    service), and a failure of an observer must not take more than one line of the log."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def tags(summary: Mapping[str, Any], extra: list[str] | tuple[str, ...] = ()) -> list[str]:

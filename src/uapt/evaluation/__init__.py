@@ -5,11 +5,11 @@ chat-template use and generation length; results follow docs/run_record.md:
 `{"eval": {task: {metric: value, metric + "_stderr": value}}, "eval_meta": {...}}` with lm-eval's
 metric keys, minus the `,none` suffix of unfiltered metrics, and every sample's outcome in
 `<run>/eval_outcomes.jsonl` (`outcomes`). Read in the order of the flow: `suite` (the config),
-`tasks` (what lm-eval runs), `run` (running it, the base model's cached scores), `cli`
-(uapt-eval). See docs/evaluation.md.
+`tasks` (what lm-eval runs), `run` (running it, the base model's cached scores). The command,
+`cli` (uapt-eval), sits above the config layer and is not imported here: a module that imports
+evaluation's data does not load the run config with it. See docs/evaluation.md.
 """
 
-from uapt.evaluation.cli import evaluate_cli, load_for_eval, main, rich_table
 from uapt.evaluation.run import (
     base_scores,
     evaluate_lm,
@@ -27,16 +27,12 @@ __all__ = [
     "TaskSpec",
     "arith_dataset",
     "base_scores",
-    "evaluate_cli",
     "evaluate_lm",
     "flatten_results",
     "ifeval_dataset",
     "lm_eval_version",
-    "load_for_eval",
-    "main",
     "parse_suite",
     "result_rows",
-    "rich_table",
     "run_suite",
     "score_delta",
     "suite_hash",

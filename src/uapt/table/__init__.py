@@ -10,15 +10,15 @@ completed are counted and reported, never aggregated; expected cells without res
 
 - `spec`: the experiment file, checked (`values`: paths, YAML with lines, constants);
 - `aggregate` (with `cells`, `intervals`, `adjust`, `mixing`): the arithmetic of the table;
-- `render`, `plots`: text and figures;
-- `cli`: the command. Run records are read by uapt.records (load_runs), next to where they are
-  written.
+- `render`, `plots`: text and figures; `wandb_run`: the table as a W&B run (`--wandb`);
+- `cli`: the command (the console script's module, not imported here: nothing that imports the
+  table's data loads its command). Run records are read by uapt.records (load_runs), next to
+  where they are written.
 """
 
 from uapt.records import Run, load_runs
 from uapt.table.aggregate import build_table
 from uapt.table.cells import Cell, Table
-from uapt.table.cli import main
 from uapt.table.plots import make_plots
 from uapt.table.render import grid, render, to_csv, to_latex, to_markdown, to_rich, to_text
 from uapt.table.spec import Metric, TableSpec, load_table_spec, parse_experiment
@@ -38,7 +38,6 @@ __all__ = [
     "load_runs",
     "load_table_spec",
     "lookup",
-    "main",
     "make_plots",
     "parse_experiment",
     "render",

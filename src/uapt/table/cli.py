@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     if args.wandb:  # never fails the table: a W&B problem is one warning line
-        from uapt.wandb_report import report_table
+        from uapt.table.wandb_run import report_table  # wandb: only with --wandb
 
         print(report_table(table, runs, dirs[0], written, args.wandb_mode), file=sys.stderr)
     return 0
