@@ -19,8 +19,9 @@ from uapt.evaluation.run import (
     score_delta,
     suite_hash,
 )
-from uapt.evaluation.suite import SuiteConfig, TaskSpec, parse_suite, suite_tasks, validate_suite
+from uapt.evaluation.suite import parse_suite, suite_tasks, validate_suite
 from uapt.evaluation.tasks import arith_dataset, ifeval_dataset, lm_eval_version, task_request
+from uapt.sections.eval import SuiteConfig, TaskSpec  # re-exported: a suite's parts
 
 __all__ = [
     "SuiteConfig",
