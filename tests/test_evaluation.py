@@ -530,3 +530,14 @@ def test_evaluate_cli_prints_and_writes_json(cache_dir, tmp_path, capsys):
     assert set(written["eval"]) == {"arith", "ifeval_embedded"}
     assert "prompt_level_strict_acc" in capsys.readouterr().out
     assert evaluate_cli({**cfg, "eval": load_suite("none")}) == 2
+
+
+def test_uapt_eval_help_is_its_own(monkeypatch, capsys):
+    from uapt.evaluation import cli
+
+    monkeypatch.setattr("sys.argv", ["uapt-eval", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("uapt-eval:") and "checkpoint=" in out
+    assert "uapt-train [group=option" not in out  # not uapt-train's Hydra help

@@ -41,6 +41,17 @@ def rich_table(results: Mapping[str, Any], title: str | None = None):
 
 
 CLI_KEYS = ("checkpoint", "output")
+USAGE = """uapt-eval: a suite on a saved model or run folder, standalone, and its results as a table.
+
+Usage:
+  uapt-eval model=<name> eval=<suite> [checkpoint=<folder>] [output=<file.json>] [key=value ...]
+  uapt-eval model=smollm2_135m eval=embedded                     # the base model, standalone
+  uapt-eval model=smollm2_135m eval=paper checkpoint=runs/<run>  # a run's newest checkpoint
+
+checkpoint: a run folder (its model/, else its newest verified checkpoint) or a model folder;
+output: where the results are written as JSON. Every other key is uapt-train's (conf/): model.*,
+eval.* (conf/eval/base.yaml documents each). See docs/evaluation.md.
+"""
 
 
 def _pop_cli_keys(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -189,6 +200,9 @@ def main() -> None:
     from uapt.config import refuse_renamed_keys
     from uapt.console import setup_logging
 
+    if {"-h", "--help"} & set(sys.argv[1:]):  # uapt-eval's own usage, not uapt-train's
+        print(USAGE, end="")
+        raise SystemExit(0)
     own, rest = _pop_cli_keys(sys.argv[1:])
     try:
         refuse_renamed_keys(rest)  # before Hydra, which would not name the new key
