@@ -402,7 +402,7 @@ Measured by `python benchmarks/run_all.py`, which runs every benchmark in `bench
 rewrites this page from their JSON output. The text above "Results" is kept in
 `benchmarks/run_all.py` (INTRO); everything below it is generated. The figures of "Results" are
 from CPUs; the "GPU" section at the end is rendered from the last record of
-`benchmarks/gpu_check.py` (`docs/results/gpu_check.json`) and names its machine and date.
+`benchmarks/gpu_check/` (`docs/results/gpu_check.json`) and names its machine and date.
 
 How the figures are taken:
 
