@@ -123,6 +123,9 @@ def test_every_column_is_compared_to_the_base_model_on_paired_samples(tmp_path):
     # mle zeroes 40 % of the base's right answers (about -20 points): far outside the noise
     assert mle.ci.hi < 0 and mle.delta < sd.delta
     assert any("difference to the base model" in note for note in table.notes)
+    # its intervals and marks are explained as a column baseline's are
+    assert any(note.startswith("[lo, hi]: 95 % percentile interval") for note in table.notes)
+    assert any("Holm-adjusted p-value" in note for note in table.notes)
 
 
 def test_runs_without_the_base_models_outcomes_fall_back_to_seeds_and_say_why(tmp_path):

@@ -285,9 +285,9 @@ def _add_notes(
         notes.append("(±Δ): difference to the base model (eval_base of the same runs).")
     elif exp.baseline is not None:
         notes.append(f"(±Δ): difference to the {exp.column.display(exp.baseline, True)} column.")
-        if any(c.ci is not None for c in table.cells.values()):
-            notes.append(ci_note(table.ci))
-            notes.extend(adjustment)
+    if any(c.ci is not None for c in table.cells.values()):  # against a column or the base
+        notes.append(ci_note(table.ci))
+        notes.extend(adjustment)
     if exp.base:
         notes.append("base: the model before post-training (eval_base).")
     notes.extend(table_notes([r for r in selected if r.completed]))
