@@ -370,7 +370,7 @@ def rows_nll_task(p: dict[str, Any]) -> list[Row]:
     return [
         [
             f"nll task samples/s, chunked labelled positions / full logits ({p['samples']} IFEval "
-            f"GPT-4 responses, {p.get('model', 'smollm2_135m')})",
+            f"GPT-4 responses, {p['model']})",
             fmt_spread(p["speedup"]),
             f">= {p['speedup']['target']}",
             _verdict(p["speedup"]) + f"; largest difference {p['max_abs_difference']:.1e} nats",
