@@ -319,11 +319,11 @@ def publishable(value: Any, paths: Sequence[tuple[str, str]] | None = None) -> A
         return [publishable(v, paths) for v in value]
     if not isinstance(value, str):
         return value
-    text = _TEMP.sub("<tmp>", value)
+    text = value  # the checkout's own paths first: a checkout may itself sit in a temp folder
     for folder, written in machine_paths() if paths is None else paths:
         end = "" if folder.endswith("/") else r"(?![\w.-])"
         text = re.sub(_START + re.escape(folder) + end, written, text)
-    return text
+    return _TEMP.sub("<tmp>", text)
 
 
 _START = r"(?<![\w.~/-])"  # a path starts here, not inside a longer name
