@@ -126,6 +126,52 @@ def test_chunked_path_equals_naive_path_with_a_cached_teacher(
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def _bucket_loss_float64(logits: torch.Tensor, labels: torch.Tensor, cache: TeacherTopK):
+    """mean NLL + mean bucket KL over the valid positions, in float64, each bucket's mass a plain
+    sum of softmax probabilities (no log-sum-exp): the independent reference."""
+    b, t = valid_mask(labels).nonzero(as_tuple=True)
+    q = torch.softmax(logits[b, t - 1].double(), dim=-1)
+    nll = -q.gather(1, labels[b, t].unsqueeze(1)).log().mean()
+    q_top = q.gather(1, cache.ids)
+    q_rest = q.scatter(1, cache.ids, 0.0).sum(-1)
+    p_top, p_rest = cache.logp.double().exp(), cache.rest.double().exp()
+    kl = (p_top * (p_top / q_top).log()).sum(-1) + p_rest * (p_rest / q_rest).log()
+    return nll + kl.mean()
+
+
+def test_a_confident_student_gets_the_exact_finite_gradient():
+    """Where the teacher's top k hold all but ~1e-13 of the student's mass, 1 - sum(top k)
+    rounds to 0 in fp32; the rest bucket must come from the other tokens' own probabilities.
+    (Before: a nan gradient on the logits path, and an overflowing norm on the fused path: the
+    SmolLM2 study's distillation steps were clipped to nothing.)"""
+    k = 3
+    labels = torch.tensor([[-100, 0, 1, 2]])
+    teacher = torch.zeros(1, 4, V)
+    teacher[..., :k] = torch.tensor([14.0, 13.0, 12.0])  # teacher's rest mass ~1e-5
+    student = torch.zeros(1, 4, V)
+    student[..., :k] = torch.tensor([31.0, 30.0, 29.5])  # student's rest mass ~1e-13
+    student += 0.1 * torch.randn(1, 4, V, generator=torch.Generator().manual_seed(0))
+    cache = _cache_of(teacher, labels, k, 1.0)
+    assert 1 - float(torch.softmax(student[0, 0], -1)[:k].sum()) == 0.0  # the rounding above
+    leaf = student.double().requires_grad_()
+    expected = _bucket_loss_float64(leaf, labels, cache)
+    (g_expected,) = torch.autograd.grad(expected, leaf)
+    obj = {"distill_weight": 1.0, "distill_on": "all"}
+    logits = student.clone().requires_grad_()
+    naive = token_loss(logits, labels, obj, cached_teacher=cache)
+    (g_naive,) = torch.autograd.grad(naive.total, logits)
+    hidden = student.clone().requires_grad_()  # an identity head: logits = hidden
+    chunked = token_loss_chunked(
+        hidden, labels, obj, OutputHead(torch.eye(V)), cached_teacher=cache, chunk_size=2
+    )
+    (g_chunked,) = torch.autograd.grad(chunked.total, hidden)
+    for out, grad in [(naive, g_naive), (chunked, g_chunked)]:
+        # fp32 against float64: the loss to fp32's ~1e-7 relative; gradient entries run from
+        # ~1e-13 (rest tokens) to ~1, so an absolute 1e-6 on top of 1e-5 relative
+        assert float(out.total.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+        torch.testing.assert_close(grad.double(), g_expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cached_teacher_is_required_and_must_cover_the_valid_positions():
     hidden, weight, _, labels = _problem()
     obj = {"distill_weight": 1.0}

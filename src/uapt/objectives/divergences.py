@@ -58,12 +58,6 @@ class TeacherTopK:
         return TeacherTopK(*(x.to(device) for x in (self.ids, self.logp, self.rest, self.nll)))
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012)."""
-    x = x.clamp(max=0)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def teacher_topk(
     logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0
 ) -> TeacherTopK:
@@ -72,9 +66,19 @@ def teacher_topk(
     log_p = log_softmax_at(z, temperature)
     k = min(k, z.shape[-1])
     logp, ids = log_p.topk(k, dim=-1)
-    rest = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
+    rest = rest_logmass(log_p, ids)
     nll = -torch.log_softmax(z, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     return TeacherTopK(ids, logp, rest, nll)
+
+
+def rest_logmass(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``ids`` [N, k], per row of log_p [N, V].
+
+    A log-sum-exp over the other tokens, not log(1 - sum of the top k): where the top k hold all
+    but ~1e-7 of the mass, 1 - sum rounds to 0 in fp32, and the divergence's gradient through it
+    (d/d log Q~rest) divided by that rounded mass overflowed the step's gradient norm.
+    """
+    return log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
 
 
 def cached_buckets(log_q: torch.Tensor, cached: TeacherTopK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,13 +86,13 @@ def cached_buckets(log_q: torch.Tensor, cached: TeacherTopK) -> tuple[torch.Tens
 
     log_q [N, V]: the student's log-probabilities at the cache's temperature. The buckets are the
     teacher's k tokens, then everything else; with k = V there is no rest bucket. The student's
-    rest is floored at the dtype's tiny: a student with all its mass on the k tokens gets a large
+    rest is floored at the dtype's tiny: a student with no mass outside the k tokens gets a large
     finite divergence, not inf.
     """
     top = log_q.gather(1, cached.ids)
     log_p = cached.logp.to(log_q)
     if cached.ids.shape[1] >= log_q.shape[1]:
         return log_p, top
-    rest = _log1mexp(top.logsumexp(-1)).clamp(min=math.log(torch.finfo(log_q.dtype).tiny))
+    rest = rest_logmass(log_q, cached.ids).clamp(min=math.log(torch.finfo(log_q.dtype).tiny))
     log_p = torch.cat([log_p, cached.rest.to(log_q).unsqueeze(1)], dim=1)
     return log_p, torch.cat([top, rest.unsqueeze(1)], dim=1)

@@ -94,7 +94,9 @@ def _cached_divergence_and_grad(
     """div over the buckets of ``cached`` per row and its gradient w.r.t. u = z / tau.
 
     With g = d div / d log Q~ (autograd on the small [rows, k + 1] tensors) and S = sum_b g_b:
-    d div / du_j = g_j - Q_j S for a top-k token j, Q_j (g_rest / Q~_rest - S) for any other.
+    d div / du_j = g_j - Q_j S for a top-k token j, g_rest Q_j / Q~_rest - Q_j S for any other.
+    Q_j / Q~_rest, a token's share of the rest (at most 1), is taken in log space: dividing by a
+    rest mass near fp32's rounding of 0 overflows.
     """
     log_q = log_softmax_at(z, cfg.temperature)
     log_pb, log_qb = cached_buckets(log_q, cached)
@@ -103,12 +105,14 @@ def _cached_divergence_and_grad(
         d = divergence_rows(log_pb, leaf, cfg.divergence, cfg.jsd_beta)
         (g,) = torch.autograd.grad(d.sum(), leaf)
     total = g.sum(1, keepdim=True)
-    q = log_q.exp_()
-    q_top = q.gather(1, cached.ids)
     k = cached.ids.shape[1]
-    if k < q.shape[1]:  # the rest bucket's share, then the top-k entries overwritten
-        q.mul_(g[:, k:] / log_qb[:, k:].exp() - total)
-    return d.detach(), q.scatter_(1, cached.ids, g[:, :k] - q_top * total)
+    q_top = log_q.gather(1, cached.ids).exp_()
+    if k < log_q.shape[1]:  # every token as a rest token, then the top-k entries overwritten
+        q = log_q.exp()
+        grad = log_q.sub_(log_qb[:, k:]).exp_().mul_(g[:, k:]).sub_(q.mul_(total))
+    else:
+        grad = log_q
+    return d.detach(), grad.scatter_(1, cached.ids, g[:, :k] - q_top * total)
 
 
 def _chunk_terms(
