@@ -267,3 +267,24 @@ def test_selection_is_not_trivial(single):
         run = single[objective, "full", "1x8"]
         # one group of ~500 tokens (scope batch), or 8 rows rounding up by < 1 token each
         assert all(1 - rho <= f < 1 - rho + 8 / 400 for f in run["kept_frac"]), objective
+
+
+def test_a_non_finite_gradient_norm_is_named_in_the_log(cache_dir, caplog):
+    """An overflowing gradient norm makes clipping scale the step to 0: say so, with the step
+    (metrics.jsonl only wrote grad_norm "inf", which is how a cached-teacher defect went unseen)."""
+    from uapt import train
+    from uapt.config import validate
+    from uapt.distributed import World
+
+    cfg = validate(compose("mle", "full", BATCH, cache_dir))
+    train.seed_everything(cfg.seed, True)
+    parts = train.build(cfg, torch.device("cpu"), World())
+    stream = train.data_stream(cfg, parts, World())
+    loop = train.make_trainer(cfg, parts, stream, torch.device("cpu"), World())
+    loop.train_step()
+    assert "gradient norm" not in caplog.text  # a finite step says nothing
+    weight = next(p for p in parts.model.parameters() if p.requires_grad)
+    weight.register_hook(lambda g: torch.full_like(g, 1e30))  # squares overflow fp32: norm inf
+    row = loop.train_step()
+    assert math.isinf(row["grad_norm"])
+    assert "step 2: gradient norm inf; clipping scaled the step's gradients to 0" in caplog.text

@@ -240,6 +240,13 @@ class Trainer:
             computed += tokens_computed(batch, self.config.packing)
         clip = self.config.grad_clip or float("inf")
         grad_norm = fsdp.clip_grad_norm_(self.runner.parameters(), clip)  # DTensor grads too
+        if not torch.isfinite(grad_norm) and self.world.is_main:  # silent, it hid a defect once
+            log.warning(
+                "step %d: gradient norm %s; clipping scaled the step's gradients to 0 (nan where "
+                "one is inf), so the weights move by momentum and weight decay only",
+                self.step + 1,
+                float(grad_norm),
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
