@@ -36,7 +36,7 @@ from uapt.table.intervals import NoPerSampleOutcomes, Where, paired_sample_outco
 DEFAULT_POWER = 0.8
 METHOD = (
     "normal approximation of the table's two-level paired bootstrap (seeds, then samples within "
-    "each seed); seed variance estimated from the pilot's paired seeds"
+    "each seed); seed variance estimated from the runs' paired seeds"
 )
 MAX_SAMPLES = 10**9
 MAX_SEEDS = 1000
@@ -122,13 +122,13 @@ def mde(
     n: Noise, level: float, power: float, samples: float | None = None, seeds: int | None = None
 ) -> float:
     """The smallest true Δ the table's interval at `level` excludes 0 for with probability
-    `power`, with `samples` per seed and `seeds` paired seeds (default: the pilot's)."""
+    `power`, with `samples` per seed and `seeds` paired seeds (default: the runs')."""
     s2 = n.sampling_var * n.samples / (samples or n.samples)
     return detectable(s2, (n.tau or 0.0) ** 2, seeds or n.seeds, level, power)
 
 
 def samples_needed(n: Noise, target: float, level: float, power: float) -> int | None:
-    """The fewest samples per seed (at the pilot's seeds) whose MDE is at most `target`; None
+    """The fewest samples per seed (at the runs' seeds) whose MDE is at most `target`; None
     when no number of samples gets there (the seed-level variance alone is too large)."""
     if mde(n, level, power, samples=MAX_SAMPLES) > target:
         return None
@@ -143,7 +143,7 @@ def samples_needed(n: Noise, target: float, level: float, power: float) -> int |
 
 
 def seeds_needed(n: Noise, target: float, level: float, power: float) -> int | None:
-    """The fewest paired seeds (at the pilot's samples) whose MDE is at most `target`."""
+    """The fewest paired seeds (at the runs' samples) whose MDE is at most `target`."""
     return next(
         (k for k in range(1, MAX_SEEDS + 1) if mde(n, level, power, seeds=k) <= target), None
     )
@@ -252,8 +252,8 @@ def _notes(table: Table, report: PowerReport) -> list[str]:
         )
     if report.target is not None:
         out.append(
-            f"samples for {report.target:g}: samples per seed at the pilot's seeds; seeds for "
-            f"{report.target:g}: paired seeds at the pilot's samples; unreachable: the seed-level "
+            f"samples for {report.target:g}: samples per seed at the runs' seeds; seeds for "
+            f"{report.target:g}: paired seeds at the runs' samples; unreachable: the seed-level "
             "variance alone exceeds the target at any number of samples (or over "
             f"{MAX_SEEDS} seeds)."
         )
