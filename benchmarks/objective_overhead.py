@@ -121,7 +121,6 @@ def run_level(
     ratio of step times."""
     import statistics
 
-    from uapt import records
     from uapt.train import execute
 
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -142,8 +141,8 @@ def run_level(
                         ],
                     )
                 )
-                execute(cfg)
-                rows = (records.run_dir(cfg) / "metrics.jsonl").read_text().splitlines()
+                folder = Path(execute(cfg)["dir"])  # the id covers local inputs' contents
+                rows = (folder / "metrics.jsonl").read_text().splitlines()
                 speeds = [json.loads(r)["tokens_per_s"] for r in rows[1:]]
                 times[name].append(1.0 / statistics.median(speeds))  # seconds per token
     return {

@@ -75,9 +75,11 @@ def train_student(sizes: dict[str, Any], out: Path) -> Path:
     cmd = [sys.executable, "-m", "uapt.train", *overrides]
     log("teacher_topk_gap: training the student: uapt-train " + " ".join(overrides))
     subprocess.run(cmd, cwd=REPO, env=subprocess_env(), check=True, capture_output=True)
+    from uapt.inputs import with_fingerprints
     from uapt.records import run_dir
 
-    return run_dir(compose(overrides)) / "model"  # a second call finds the run complete
+    # the run's id covers its local inputs' contents (the data file), as uapt-train computes it
+    return run_dir(with_fingerprints(compose(overrides))) / "model"  # a second call finds it
 
 
 def teacher_and_student(sizes: dict[str, Any], student_path: Path):
