@@ -500,6 +500,57 @@ def test_the_published_real_data_pilot_is_regenerated_from_its_records():
     assert table.split("\n- ")[0].strip() in doc  # the title and table, byte for byte
 
 
+# The grid's objectives as their records' slugs spell them, in each study table's column order.
+GRID_OBJECTIVES = [
+    "mle-r0-l0",
+    "masked_mle-r0.5-l0",
+    "self_distill-r0-l1",
+    "masked_mle_distill-r0.5-l1",
+]
+STUDY_COLUMNS = {
+    "cpu_repro_real": GRID_OBJECTIVES,
+    "cpu_repro_real_vs_base": GRID_OBJECTIVES,
+    "cpu_repro_real_sd_effect": GRID_OBJECTIVES[1::2],  # masked, masked+SD
+}
+
+
+def _inst_loose_by_objective(runs_dir: Path) -> dict[str, list[float]]:
+    """IFEval instruction-level loose accuracy (%) per run, pooled by hand from its per-prompt
+    outcomes (every instruction of every prompt counts once), grouped by objective."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for folder in sorted(runs_dir.iterdir()):
+        checks = []
+        for line in (folder / "eval_outcomes.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if (row["task"], row["metric"]) == ("ifeval", "inst_level_loose_acc"):
+                checks += row["value"]
+        objective = folder.name.split("-gsm8k-")[1].rsplit("-s", 1)[0]
+        scores[objective].append(100 * sum(checks) / len(checks))
+    return scores
+
+
+@pytest.mark.parametrize("experiment", sorted(STUDY_COLUMNS))
+def test_the_published_real_data_grid_is_regenerated_from_its_records(experiment):
+    """docs/results/cpu_repro_real.md quotes the grid's three tables: the committed records must
+    still give each of them, and each column's IFEval inst loose is the mean ± std (ddof=1) over
+    its 3 seeds of the scores pooled by hand from the per-prompt outcomes."""
+    runs_dir = REPO / "docs" / "results" / "cpu_repro_real" / "runs"
+    exp = load_table_spec(REPO / "experiments" / f"{experiment}.yaml")
+    runs, problems = load_runs([runs_dir])
+    assert len(runs) == 12 and problems == []
+    table = to_markdown(build_table(exp, runs, problems))
+    scores = _inst_loose_by_objective(runs_dir)
+    row = next(line for line in table.splitlines() if "| IFEval inst loose |" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    columns = STUDY_COLUMNS[experiment]
+    for objective, cell in zip(columns, cells[-len(columns) :], strict=True):
+        values = scores[objective]
+        assert len(values) == 3
+        assert cell.startswith(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+    doc = (REPO / "docs" / "results" / "cpu_repro_real.md").read_text()
+    assert table.split("\n- ")[0].strip() in doc  # the title and table, byte for byte
+
+
 # --------------------------------------------------------------------------- paired intervals
 
 CI_EXPERIMENT = """title: intervals
